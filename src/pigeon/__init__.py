@@ -1,0 +1,3 @@
+"""Pigeon: a mail transfer agent configured like OpenSMTPD."""
+
+__version__ = "0.1.0"

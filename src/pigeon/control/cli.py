@@ -1,0 +1,275 @@
+"""The ``pigeon`` command: run, check, and smtpctl-style verbs over the control socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = """\
+# Pigeon's built-in default: local mail only, on an unprivileged port.
+listen on 127.0.0.1 port 2525
+action "local" maildir
+match from any for local action "local"
+"""
+
+# smtpctl verbs forwarded to the daemon as they are.
+CONTROL_VERBS = ("show", "schedule", "remove", "pause", "resume", "log", "monitor", "stop")
+
+
+def default_spool() -> Path:
+    env = os.environ.get("PIGEON_SPOOL")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/spool/pigeon")
+    return Path("pigeon-spool")
+
+
+def _macros(values: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"pigeon: -D expects name=value, got {item!r}")
+        out[name] = value
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pigeon", description="Pigeon mail transfer agent")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    def spool_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--spool", type=Path, default=None, help="spool directory")
+
+    p = sub.add_parser("check", help="validate a configuration file")
+    p.add_argument("-f", dest="file", default=None)
+    p.add_argument("-D", dest="macros", action="append", metavar="NAME=VALUE")
+
+    p = sub.add_parser("run", help="run the daemon")
+    p.add_argument("-f", dest="file", default=None)
+    p.add_argument("-d", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-v", dest="verbose", action="store_true")
+    p.add_argument("-D", dest="macros", action="append", metavar="NAME=VALUE")
+    p.add_argument("-P", dest="paused", action="append", choices=["mda", "mta", "smtp"],
+                   help="start with this subsystem paused")
+    spool_opt(p)
+
+    for verb in CONTROL_VERBS:
+        p = sub.add_parser(verb, help=f"{verb} (as smtpctl)")
+        p.add_argument("words", nargs="*")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        spool_opt(p)
+    sub.add_parser("srs", help="encode or decode SRS addresses (pigeon srs --help)")
+    return parser
+
+
+def _control_args(argv: list[str]) -> argparse.Namespace:
+    """Control verbs take ``--spool DIR`` and ``--json`` anywhere after the verb."""
+    words: list[str] = []
+    spool: Path | None = None
+    as_json = False
+    rest = iter(argv[1:])
+    for word in rest:
+        if word == "--spool":
+            value = next(rest, None)
+            if value is None:
+                raise SystemExit("pigeon: --spool needs a directory")
+            spool = Path(value)
+        elif word.startswith("--spool="):
+            spool = Path(word.split("=", 1)[1])
+        elif word == "--json":
+            as_json = True
+        else:
+            words.append(word)
+    return argparse.Namespace(verb=argv[0], words=words, spool=spool, json=as_json)
+
+
+def _load(path: str | None, macros: dict[str, str]) -> Any:
+    from pigeon.config import parse_config_text
+
+    if path is None:
+        return parse_config_text(DEFAULT_CONFIG, "<default>", macros)
+    from pigeon.config import load_config
+
+    return load_config(path, macros)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pigeon.config import ConfigError
+
+    try:
+        _load(args.file, _macros(args.macros))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print("configuration OK")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pigeon.config import ConfigError
+    from pigeon.daemon import Daemon, DaemonOptions
+    from pigeon.log import setup_logging
+    from pigeon.queue.journal import QueueLocked
+
+    try:
+        config = _load(args.file, _macros(args.macros))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    spool = (args.spool or default_spool()).absolute()
+    spool.mkdir(parents=True, exist_ok=True, mode=0o711)
+    if not args.foreground:
+        _daemonize()
+    setup_logging(foreground=args.foreground, verbose=args.verbose, spool=spool)
+    options = DaemonOptions(spool=spool, paused=frozenset(args.paused or ()))
+
+    async def main() -> int:
+        daemon = Daemon(config, options)
+        try:
+            await daemon.start()
+        except QueueLocked as exc:
+            print(f"pigeon: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"pigeon: cannot start: {exc}", file=sys.stderr)
+            await daemon.shutdown()
+            return 1
+        await daemon.serve_forever()
+        return 0
+
+    return _run_loop(main())
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+
+        result: int = uvloop.run(coro)
+        return result
+    except ImportError:
+        return int(asyncio.run(coro))
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def control_request(spool: Path, words: list[str], timeout: float = 30.0) -> dict[str, Any]:
+    path = spool / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps({"command": words}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    result: dict[str, Any] = json.loads(data or b"{}")
+    return result
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    spool = args.spool or default_spool()
+    words = [args.verb, *args.words]
+    if args.verb == "monitor":
+        return _monitor(spool)
+    try:
+        response = control_request(spool, words)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if words[:2] == ["show", "queue"]:
+            return _offline_queue(spool, args.json)
+        print("pigeon: pigeon doesn't seem to be running", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pigeon: control socket: {exc}", file=sys.stderr)
+        return 1
+    if not response.get("ok"):
+        print(f"pigeon: {response.get('output', 'command failed')}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(response.get("data"), indent=2))
+    elif response.get("output"):
+        print(response["output"])
+    return 0
+
+
+def _offline_queue(spool: Path, as_json: bool) -> int:
+    """``show queue`` with the daemon down: read the journal (runstate ``offline``)."""
+    from pigeon.control.views import queue_row, render_queue_line
+    from pigeon.queue.journal import JournalStore
+
+    store = JournalStore(spool, readonly=True)
+    store.open()
+    rows = [
+        queue_row(env, runstate="offline", delay=None, queue_ttl=4 * 86400)
+        for env in sorted(store.envelopes(), key=lambda e: (e.ctime, e.evpid))
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(render_queue_line(row))
+    return 0
+
+
+def _monitor(spool: Path) -> int:
+    path = spool / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(json.dumps({"command": ["monitor"]}).encode() + b"\n")
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return 0
+                sys.stdout.write(chunk.decode())
+                sys.stdout.flush()
+    except (FileNotFoundError, ConnectionRefusedError):
+        print("pigeon: pigeon doesn't seem to be running", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["srs"]:
+        from pigeon.srs_cli import srs_main
+
+        return srs_main(argv[1:])
+    if argv[:1] and argv[0] in CONTROL_VERBS:
+        return cmd_control(_control_args(argv))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verb == "check":
+        return cmd_check(args)
+    if args.verb == "run":
+        return cmd_run(args)
+    return cmd_control(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Wiring: config -> tables -> rules -> queue -> scheduler -> delivery -> listeners -> control."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pigeon.config.model import Action, Config
+from pigeon.control.server import ControlServer
+from pigeon.delivery.local import LocalTarget, LocalUser
+from pigeon.delivery.local import deliver as deliver_local
+from pigeon.errors import SMTPError
+from pigeon.queue import bounce
+from pigeon.queue.envelope import (
+    FLAG_BOUNCE,
+    Envelope,
+    evpid_hex,
+    msgid_hex,
+    new_evpid,
+)
+from pigeon.queue.journal import JournalStore, QueueError
+from pigeon.rules.expand import Expander
+from pigeon.rules.ruleset import MatchContext, Ruleset
+from pigeon.scheduler import policy
+from pigeon.scheduler.scheduler import Clock, Outcome, Scheduler
+from pigeon.server.listener import ListenerRuntime, bound_ports, resolve_interface, start_listener
+from pigeon.server.services import Services
+from pigeon.tables.base import open_tables
+
+log = logging.getLogger("pigeon")
+mda_log = logging.getLogger("pigeon.mda")
+
+SWEEP_INTERVAL = 5.0
+SESSION_TIMEOUT = 300.0
+COMPACT_INTERVAL = 30.0
+
+
+@dataclass
+class DaemonOptions:
+    spool: Path
+    paused: frozenset[str] = frozenset()  # "mda", "mta", "smtp" paused at start
+    clock: Clock | None = None
+    session_timeout: float = SESSION_TIMEOUT
+
+
+def _format_delay(seconds: float) -> str:
+    s = int(max(0, seconds))
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            out += f"{s // size}{unit}"
+            s %= size
+    return out + f"{s}s" if (s or not out) else out
+
+
+class Daemon:
+    def __init__(self, config: Config, options: DaemonOptions) -> None:
+        self.config = config
+        self.options = options
+        self.hostname = socket.getfqdn() or socket.gethostname()
+        self.store = JournalStore(options.spool)
+        self.tables = open_tables(config)
+        self.ruleset = Ruleset(config, self.tables, local_names=self._local_names())
+        self.expander = Expander(config, self.tables, self.ruleset)
+        self.scheduler = Scheduler(
+            self._dispatch,
+            clock=options.clock,
+            queue_ttl=config.queue.ttl,
+            expire=self._expire,
+        )
+        for kind in ("mda", "mta"):
+            if kind in options.paused:
+                self.scheduler.pause(kind)
+        self.services = Services(
+            config=config,
+            store=self.store,
+            expander=self.expander,
+            accepted=self._accepted,
+            smtp_paused="smtp" in options.paused,
+        )
+        self.servers: list[asyncio.AbstractServer] = []
+        self.control = ControlServer(self, options.spool / "control.sock")
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _local_names(self) -> frozenset[str]:
+        names = {"localhost", "localhost.localdomain", socket.gethostname().lower()}
+        names.add(self.hostname.lower())
+        for listener in self.config.listeners:
+            if listener.hostname:
+                names.add(listener.hostname.lower())
+        return frozenset(names)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def listener_runtimes(self) -> list[ListenerRuntime]:
+        out = []
+        smtp = self.config.smtp
+        for lst in self.config.listeners:
+            if lst.kind != "inet":
+                continue
+            port = lst.port if lst.port is not None else (465 if lst.smtps else 25)
+            hosts = resolve_interface(lst.interface, lst.family)
+            out.append(
+                ListenerRuntime(
+                    hostname=lst.hostname or self.hostname,
+                    addresses=[(h, port) for h in hosts],
+                    tag=lst.tag,
+                    mask_src=lst.mask_src,
+                    received_auth=lst.received_auth,
+                    dsn=not lst.no_dsn,
+                    max_message_size=smtp.max_message_size,
+                    max_rcpt=smtp.max_rcpt,
+                    max_mails=smtp.max_mails,
+                )
+            )
+        return out
+
+    async def start(self) -> None:
+        self.store.open()
+        for env in self.store.envelopes():
+            self.scheduler.add(env)
+        count = len(self.scheduler.envelopes())
+        log.info("info: Pigeon starting, %d envelope(s) in the queue", count)
+        for runtime in self.listener_runtimes():
+            self.servers += await start_listener(self.services, runtime)
+        await self.control.start()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.scheduler.run()))
+        self._tasks.append(loop.create_task(self._sweeper()))
+        self._tasks.append(loop.create_task(self._compactor()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop.set)
+
+    def ports(self) -> list[tuple[str, int]]:
+        return bound_ports(self.servers)
+
+    async def serve_forever(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        log.info("info: Pigeon exiting")
+        for server in self.servers:
+            server.close()
+        for session in list(self.services.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await self.control.stop()
+        await self.scheduler.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.store.close()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            limit = time.monotonic() - self.options.session_timeout
+            for session in list(self.services.sessions):
+                if session.last_activity < limit and session.task is None:
+                    session.timeout()
+
+    async def _compactor(self) -> None:
+        while True:
+            await asyncio.sleep(COMPACT_INTERVAL)
+            try:
+                await self.store.compact()
+            except (QueueError, OSError) as exc:
+                log.error("warn: queue compaction failed: %s", exc)
+
+    # ------------------------------------------------------------------ queue events
+
+    def _accepted(self, envelopes: list[Envelope]) -> None:
+        for env in envelopes:
+            self.scheduler.add(env)
+
+    def _now(self) -> float:
+        return self.scheduler.clock.now()
+
+    async def _dispatch(self, env: Envelope) -> None:
+        action = self.config.actions.get(env.dispatcher)
+        if action is None:
+            outcome = Outcome.tempfail(f"no such dispatcher: {env.dispatcher}")
+        elif action.method == "relay" or action.method == "lmtp":
+            outcome = Outcome.tempfail(
+                f"{action.method} delivery is not available in this version of Pigeon"
+            )
+        else:
+            try:
+                body = self.store.read_body(env.msgid)
+            except QueueError as exc:
+                outcome = Outcome.tempfail(str(exc))
+            else:
+                outcome = await self._deliver_local(env, action, body)
+        await self._record_outcome(env, outcome)
+
+    async def _deliver_local(self, env: Envelope, action: Action, body: bytes) -> Outcome:
+        try:
+            target = await self.local_target(env, action)
+        except SMTPError as err:
+            return Outcome(("tempfail" if err.temporary else "permfail"), err.line())
+        return await deliver_local(target, env, body)
+
+    async def local_target(self, env: Envelope, action: Action) -> LocalTarget:
+        name = action.user or env.mda_user or env.dest.rpartition("@")[0]
+        info = await self.expander.user_info(action, name)
+        if info is None:
+            raise SMTPError(550, "5.1.1", f"user unknown: {name}")
+        user = LocalUser(info.name, info.uid, info.gid, info.home)
+        values = self.expander.format_values(env, info)
+        if env.mda_exec:
+            # An alias or .forward target: "|command" or "/path/to/mbox-file".
+            if env.mda_exec.startswith("|"):
+                return LocalTarget("mda", env.mda_exec[1:], user)
+            return LocalTarget("mbox", env.mda_exec, user)
+        if action.method == "maildir":
+            path = action.maildir_path or "~/Maildir"
+            return LocalTarget("maildir", self.expander.expand_format(path, values), user,
+                               junk=action.junk)
+        if action.method == "mbox":
+            return LocalTarget("mbox", f"/var/mail/{info.name}", user)
+        if action.method == "mda":
+            command = self.expander.expand_format(action.mda_command or "", values)
+            return LocalTarget("mda", command, user)
+        raise SMTPError(550, "5.3.0", f"cannot deliver locally with {action.method}")
+
+    async def _record_outcome(self, env: Envelope, outcome: Outcome) -> None:
+        now = self._now()
+        delay = _format_delay(now - env.ctime)
+        result = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "Loop"}[
+            outcome.status
+        ]
+        rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
+        mda_log.info(
+            "%s mda delivery evpid=%s from=<%s> to=<%s> rcpt=%s user=%s delay=%s "
+            "result=%s stat=%s",
+            secrets.token_hex(8),
+            evpid_hex(env.evpid),
+            env.sender,
+            env.dest,
+            rcpt,
+            env.mda_user or env.dest.rpartition("@")[0],
+            delay,
+            result,
+            outcome.line,
+        )
+        stats = self.services.stats
+        if outcome.status == "ok":
+            stats.incr("scheduler.delivery.ok")
+            if bounce.wants_report(env, "delivered"):
+                await self._report("delivered", [bounce.BounceItem(env, outcome.line)])
+            self.store.delete([env.evpid])
+            self.scheduler.done(env.evpid)
+            return
+        if outcome.status == "tempfail":
+            stats.incr("scheduler.delivery.tempfail")
+            env.retry += 1
+            env.last_try = int(now)
+            env.errorline = outcome.line
+            env.esc_class = 4
+            if env.evpid not in self.scheduler:
+                return  # removed by the administrator while in flight
+            await self._maybe_warn(env, now)
+            self.store.update(env)
+            self.scheduler.retried(env)
+            return
+        stats.incr(f"scheduler.delivery.{outcome.status}")
+        env.errorline = outcome.line
+        env.last_try = int(now)
+        if bounce.wants_report(env, "failed"):
+            await self._report("failed", [bounce.BounceItem(env, outcome.line)])
+        self.store.delete([env.evpid])
+        self.scheduler.done(env.evpid)
+
+    async def _maybe_warn(self, env: Envelope, now: float) -> None:
+        """``bounce warn-interval``: one delay notice per crossed threshold."""
+        next_try = policy.next_attempt(env, now)
+        for delay in self.config.bounce_warn_interval:
+            threshold = env.ctime + delay
+            if next_try >= threshold and env.last_bounce < threshold:
+                env.last_bounce = threshold
+                if bounce.wants_report(env, "delayed"):
+                    expires = policy.expiry(env, self.config.queue.ttl)
+                    await self._report(
+                        "delayed", [bounce.BounceItem(env, env.errorline)], expires_at=expires
+                    )
+                break
+
+    async def _expire(self, env: Envelope) -> None:
+        line = env.errorline or "Envelope expired"
+        log.info(
+            "relay: Expire for %s: from=<%s>, to=<%s>, rcpt=<->, delay=%s, stat=Envelope expired",
+            evpid_hex(env.evpid),
+            env.sender,
+            env.dest,
+            _format_delay(self._now() - env.ctime),
+        )
+        self.services.stats.incr("scheduler.envelope.expired")
+        if bounce.wants_report(env, "failed"):
+            item = bounce.BounceItem(env, f"Envelope expired ({line})")
+            await self._report("failed", [item])
+        self.store.delete([env.evpid])
+        self.scheduler.done(env.evpid)
+
+    async def _report(
+        self, kind: str, items: list[bounce.BounceItem], *, expires_at: float | None = None
+    ) -> None:
+        """Queue a DSN to the sender, routed by the rules like any local submission."""
+        first = items[0].envelope
+        if not first.sender:
+            return
+        try:
+            original = self.store.read_body(first.msgid)
+        except QueueError:
+            original = b""
+        rcpt, message = bounce.build_report(
+            kind,
+            items,
+            original,
+            hostname=first.smtpname or self.hostname,
+            now=self._now(),
+            expires_at=expires_at,
+        )
+        try:
+            await self.inject("", [rcpt], message, flags=[FLAG_BOUNCE])
+        except (SMTPError, QueueError) as exc:
+            log.warning(
+                "warn: PermFail injecting failure report on message %s to <%s>: %s",
+                msgid_hex(first.msgid),
+                rcpt,
+                exc,
+            )
+
+    async def inject(
+        self, sender: str, rcpts: Iterable[str], message: bytes, *, flags: list[str] | None = None
+    ) -> int:
+        """Queue a message generated here (bounces), as a local session would."""
+        msgid = self.store.reserve_msgid()
+        envelopes: list[Envelope] = []
+        now = int(self._now())
+        try:
+            for rcpt in rcpts:
+                ctx = MatchContext(
+                    local=True, socket=True, src_ip="", rdns="localhost", helo="localhost",
+                    auth_user=None, tls=False, tag=None, mail_from=sender, rcpt_to=rcpt,
+                )
+                for dest in await self.expander.expand(ctx):
+                    action = self.config.actions.get(dest.dispatcher)
+                    envelopes.append(
+                        Envelope(
+                            evpid=new_evpid(msgid),
+                            dispatcher=dest.dispatcher,
+                            type="mta" if action and action.method == "relay" else "mda",
+                            sender=sender,
+                            rcpt=rcpt,
+                            dest=dest.dest,
+                            ctime=now,
+                            smtpname=self.hostname,
+                            helo="localhost",
+                            hostname="localhost",
+                            sockaddr="local",
+                            flags=list(flags or []),
+                            mda_exec=dest.mda_exec or "",
+                            mda_subaddress=dest.subaddress or "",
+                            mda_user=dest.user or "",
+                        )
+                    )
+            if not envelopes:
+                raise SMTPError(550, "5.1.1", "no recipient accepted")
+            await self.store.commit(msgid, message, envelopes)
+        finally:
+            self.store.release_msgid(msgid)
+        self._accepted(envelopes)
+        return msgid

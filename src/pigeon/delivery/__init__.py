@@ -1,0 +1,1 @@
+"""Pigeon delivery package."""

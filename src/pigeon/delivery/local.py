@@ -1,0 +1,189 @@
+"""Local delivery agents: maildir, mbox and mda, run as the recipient user.
+
+When Pigeon runs as root, each delivery happens in a child process that has switched to the
+recipient's uid and gid (OpenSMTPD does the same); delivering to root is refused. Run as an
+ordinary user, Pigeon writes as itself, in a worker thread so the event loop never blocks on
+fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+from pigeon.delivery.mailbox import DeliveryFailure, maildir_deliver, mbox_deliver
+from pigeon.queue.envelope import Envelope
+from pigeon.scheduler.scheduler import Outcome
+
+EX_TEMPFAIL = 75
+EX_OSERR = 71
+MDA_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTarget:
+    """Where and how one envelope is delivered, with formats already expanded."""
+
+    method: str  # "maildir", "mbox", "mda"
+    target: str  # maildir path, mbox path or mda command line
+    user: LocalUser
+    junk: bool = False
+
+
+def prepare_message(env: Envelope, body: bytes) -> bytes:
+    """Prepend ``Return-Path`` and ``Delivered-To`` as local delivery does."""
+    head = b""
+    if env.sender:
+        head += f"Return-Path: <{env.sender}>\r\n".encode()
+    head += f"Delivered-To: {env.rcpt}\r\n".encode()
+    return head + body
+
+
+def has_delivered_to(body: bytes, dest: str) -> bool:
+    """True if the header already holds ``Delivered-To: <dest>``: a mail loop."""
+    wanted = dest.lower().encode()
+    for raw in body.split(b"\n"):
+        line = raw.rstrip(b"\r")
+        if not line:
+            break
+        if line.lower().startswith(b"delivered-to:"):
+            value = line[len(b"delivered-to:") :].strip().strip(b"<>").lower()
+            if value == wanted:
+                return True
+    return False
+
+
+def _switch_user(user: LocalUser) -> bool:
+    """Whether the delivery must run in a child as another user."""
+    return os.geteuid() == 0 and user.uid != os.geteuid()
+
+
+def mda_environment(env: Envelope, user: LocalUser) -> dict[str, str]:
+    local, _, domain = env.dest.rpartition("@")
+    rcpt_local = env.rcpt.rpartition("@")[0] or env.rcpt
+    values = {
+        "PATH": "/bin:/usr/bin",
+        "DOMAIN": domain,
+        "HOME": user.home,
+        "RECIPIENT": env.dest,
+        "ORIGINAL_RECIPIENT": env.rcpt,
+        "SHELL": "/bin/sh",
+        "LOCAL": rcpt_local or local,
+        "LOGNAME": user.name,
+        "USER": user.name,
+        "SENDER": env.sender,
+    }
+    if env.mda_subaddress:
+        values["EXTENSION"] = env.mda_subaddress
+    return values
+
+
+async def _run_child(
+    argv: list[str],
+    stdin: bytes,
+    *,
+    user: LocalUser | None,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    timeout: float,
+) -> tuple[int | None, str]:
+    kwargs: dict[str, object] = {}
+    if user is not None:
+        kwargs.update(user=user.uid, group=user.gid, extra_groups=[])
+    if cwd is not None and os.path.isdir(cwd):
+        kwargs["cwd"] = cwd
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except OSError as exc:
+        return None, f"cannot run delivery: {exc.strerror or exc}"
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
+        return None, "delivery timed out"
+    lines = [ln for ln in out.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return proc.returncode, (lines[-1] if lines else "")
+
+
+def _exit_outcome(code: int | None, last: str) -> Outcome:
+    if code == 0:
+        return Outcome.ok("Delivered")
+    if code is None or code < 0 or code in (EX_TEMPFAIL, EX_OSERR):
+        return Outcome.tempfail(f"Error (temporary failure: \"{last}\")")
+    return Outcome.permfail(f"Error (permanent failure: \"{last}\")")
+
+
+async def deliver(target: LocalTarget, env: Envelope, body: bytes) -> Outcome:
+    """Deliver one envelope locally; never raises for delivery problems."""
+    if target.user.uid == 0 and os.geteuid() == 0:
+        return Outcome.permfail(f"not allowed to deliver to: {target.user.name}")
+    if has_delivered_to(body, env.rcpt):
+        return Outcome("loop", "Loop detected")
+    message = prepare_message(env, body)
+    if target.method == "mda":
+        code, last = await _run_child(
+            ["/bin/sh", "-c", target.target],
+            message.replace(b"\r\n", b"\n"),
+            user=target.user if _switch_user(target.user) else None,
+            env=mda_environment(env, target.user),
+            cwd=target.user.home,
+            timeout=MDA_TIMEOUT,
+        )
+        return _exit_outcome(code, last)
+    if target.method not in ("maildir", "mbox"):
+        return Outcome.permfail(f"unsupported delivery method {target.method}")
+    if _switch_user(target.user):
+        argv = [sys.executable, "-m", "pigeon.delivery.helper", target.method, target.target]
+        if target.method == "maildir":
+            if target.junk:
+                argv.append("--junk")
+            if env.mda_subaddress:
+                argv += ["--extension", env.mda_subaddress]
+        else:
+            argv += ["--sender", env.sender]
+        code, last = await _run_child(
+            argv,
+            message,
+            user=target.user,
+            env={"PATH": "/bin:/usr/bin", "HOME": target.user.home},
+            cwd=target.user.home,
+            timeout=MDA_TIMEOUT,
+        )
+        return _exit_outcome(code, last) if code != 0 else Outcome.ok("Delivered")
+    try:
+        if target.method == "maildir":
+            await asyncio.to_thread(
+                maildir_deliver,
+                target.target,
+                message,
+                junk=target.junk,
+                extension=env.mda_subaddress or None,
+            )
+        else:
+            await asyncio.to_thread(mbox_deliver, target.target, env.sender, message)
+    except DeliveryFailure as exc:
+        if exc.temporary:
+            return Outcome.tempfail(f"Error (temporary failure: \"{exc.text}\")")
+        return Outcome.permfail(f"Error (permanent failure: \"{exc.text}\")")
+    return Outcome.ok("Delivered")

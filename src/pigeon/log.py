@@ -1,0 +1,30 @@
+"""Logging in OpenSMTPD's line format: ``<session-id> smtp connected address=...``."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+
+
+def setup_logging(*, foreground: bool, verbose: bool, spool: Path | None = None) -> None:
+    root = logging.getLogger("pigeon")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    handler: logging.Handler
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        handler.setFormatter(logging.Formatter("pigeon[%(process)d]: %(message)s"))
+    else:
+        target = (spool or Path(".")) / "pigeon.log"
+        handler = logging.FileHandler(target)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    root.addHandler(handler)

@@ -1,0 +1,245 @@
+"""In-memory scheduler: which envelope is tried when.
+
+Storage is durable and dumb; scheduling is smart and in memory. At start the scheduler is
+rebuilt from the queue store. Time comes from an injectable clock so tests never sleep:
+they move a ``ManualClock`` and call ``run_due()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pigeon.queue.envelope import Envelope
+from pigeon.scheduler import policy
+
+log = logging.getLogger("pigeon.scheduler")
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.value = start
+
+    def now(self) -> float:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        self.value += seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a delivery attempt gave for one envelope."""
+
+    status: str  # "ok", "tempfail", "permfail", "loop"
+    line: str  # the reply or error text, e.g. "550 5.1.1 No such user"
+
+    @classmethod
+    def ok(cls, line: str = "Delivered") -> Outcome:
+        return cls("ok", line)
+
+    @classmethod
+    def tempfail(cls, line: str) -> Outcome:
+        return cls("tempfail", line)
+
+    @classmethod
+    def permfail(cls, line: str) -> Outcome:
+        return cls("permfail", line)
+
+
+# The scheduler hands a due envelope to this; it returns once the attempt is over.
+Dispatch = Callable[[Envelope], Awaitable[None]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        dispatch: Dispatch,
+        *,
+        clock: Clock | None = None,
+        queue_ttl: int = policy.DEFAULT_QUEUE_TTL,
+        max_inflight: int = 64,
+        expire: Callable[[Envelope], Awaitable[None]] | None = None,
+    ) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self.queue_ttl = queue_ttl
+        self.max_inflight = max_inflight
+        self._dispatch = dispatch
+        self._expire = expire
+        self._heap: list[tuple[float, int]] = []
+        self._expiry_heap: list[tuple[float, int]] = []
+        self._due: dict[int, float] = {}  # evpid -> scheduled time (authoritative)
+        self._envelopes: dict[int, Envelope] = {}
+        self.inflight: set[int] = set()
+        self.suspended: set[int] = set()
+        self.paused: set[str] = set()  # "mda", "mta"
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # ------------------------------------------------------------------ content
+
+    def add(self, env: Envelope, when: float | None = None) -> None:
+        self._envelopes[env.evpid] = env
+        at = policy.next_attempt(env, self.clock.now()) if when is None else when
+        self._due[env.evpid] = at
+        heapq.heappush(self._heap, (at, env.evpid))
+        heapq.heappush(self._expiry_heap, (policy.expiry(env, self.queue_ttl), env.evpid))
+        self._wake.set()
+
+    def remove(self, evpid: int) -> None:
+        self._envelopes.pop(evpid, None)
+        self._due.pop(evpid, None)
+        self.suspended.discard(evpid)
+
+    def __contains__(self, evpid: int) -> bool:
+        return evpid in self._envelopes
+
+    def scheduled_at(self, evpid: int) -> float | None:
+        return self._due.get(evpid)
+
+    def schedule_now(self, evpid: int) -> bool:
+        """``pigeon schedule``: try this envelope at once."""
+        if evpid not in self._envelopes or evpid in self.inflight:
+            return False
+        self._due[evpid] = self.clock.now()
+        heapq.heappush(self._heap, (self._due[evpid], evpid))
+        self._wake.set()
+        return True
+
+    def pause(self, kind: str) -> None:
+        self.paused.add(kind)
+
+    def resume(self, kind: str) -> None:
+        self.paused.discard(kind)
+        self._wake.set()
+
+    def retried(self, env: Envelope) -> None:
+        """An attempt tempfailed: put the envelope back at its next retry time."""
+        self.inflight.discard(env.evpid)
+        if env.evpid in self._envelopes:
+            self.add(env)
+
+    def done(self, evpid: int) -> None:
+        self.inflight.discard(evpid)
+        self.remove(evpid)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ running
+
+    def _pop_due(self, now: float) -> list[Envelope]:
+        out: list[Envelope] = []
+        skipped: list[tuple[float, int]] = []
+        while self._heap and self._heap[0][0] <= now:
+            if len(self.inflight) + len(out) >= self.max_inflight:
+                break
+            at, evpid = heapq.heappop(self._heap)
+            if self._due.get(evpid) != at or evpid in self.inflight:
+                continue  # stale heap entry
+            env = self._envelopes[evpid]
+            if evpid in self.suspended or env.type in self.paused:
+                skipped.append((at, evpid))
+                continue
+            out.append(env)
+        for item in skipped:
+            heapq.heappush(self._heap, item)
+        return out
+
+    def _expired(self, now: float) -> list[Envelope]:
+        out = []
+        while self._expiry_heap and self._expiry_heap[0][0] <= now:
+            at, evpid = heapq.heappop(self._expiry_heap)
+            env = self._envelopes.get(evpid)
+            if env is None or evpid in self.inflight:
+                continue  # gone, or its attempt decides; re-checked when it comes back
+            if policy.expiry(env, self.queue_ttl) == at:
+                out.append(env)
+        return out
+
+    def _top(self, heap: list[tuple[float, int]], valid: Callable[[float, int], bool]) -> float | None:
+        while heap and not valid(*heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def next_wakeup(self) -> float | None:
+        attempt = self._top(self._heap, lambda at, evpid: self._due.get(evpid) == at)
+        expiry = self._top(self._expiry_heap, lambda _at, evpid: evpid in self._envelopes)
+        candidates = [t for t in (attempt, expiry) if t is not None]
+        return min(candidates) if candidates else None
+
+    async def run_due(self) -> list[asyncio.Task[None]]:
+        """Start every attempt that is due now; return their tasks."""
+        now = self.clock.now()
+        if self._expire is not None:
+            for env in self._expired(now):
+                self.inflight.add(env.evpid)
+                self._due.pop(env.evpid, None)
+                self._spawn(self._expire(env), env.evpid)
+        started = []
+        for env in self._pop_due(now):
+            self.inflight.add(env.evpid)
+            self._due.pop(env.evpid, None)
+            started.append(self._spawn(self._dispatch(env), env.evpid))
+        return started
+
+    def _spawn(self, coro: Awaitable[None], evpid: int) -> asyncio.Task[None]:
+        async def runner() -> None:
+            try:
+                await coro
+            except Exception:  # a bug in an agent must not stop the scheduler
+                log.exception("scheduler: delivery of %016x failed unexpectedly", evpid)
+                env = self._envelopes.get(evpid)
+                if env is not None:
+                    self.retried(env)
+            finally:
+                self._wake.set()
+
+        task = asyncio.get_running_loop().create_task(runner())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self) -> None:
+        """Main loop: wake at the next due time or when something changes."""
+        while not self._stopping:
+            self._wake.clear()
+            await self.run_due()
+            wake_at = self.next_wakeup()
+            timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
+            if timeout is not None:
+                timeout = min(timeout, 60.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if timeout == 0.0:
+                # Nothing could start (inflight cap or paused): avoid spinning.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.05)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def envelopes(self) -> list[Envelope]:
+        return list(self._envelopes.values())

@@ -1,0 +1,484 @@
+"""One SMTP session: moves bytes between a socket and the pure protocol machine.
+
+Built on ``asyncio.Protocol`` rather than streams so an idle connection costs no task and
+little memory (the 5,000-idle-connections target). Whenever the machine hands out an event
+that needs I/O (recipient expansion, the queue commit, STARTTLS), one task runs until the
+machine has nothing more to say; reading is paused meanwhile so a pipelining client cannot
+make us buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pigeon.errors import SMTPError
+from pigeon.protocol import server as proto
+from pigeon.protocol.replies import Reply
+from pigeon.queue.envelope import (
+    FLAG_AUTHENTICATED,
+    FLAG_INTERNAL,
+    Envelope,
+    evpid_hex,
+    msgid_hex,
+    new_evpid,
+    parse_dsn_notify,
+)
+from pigeon.queue.journal import QueueError
+from pigeon.rules.ruleset import MatchContext
+from pigeon.server.localaddr import is_local
+from pigeon.server.received import ReceivedInfo, received_header
+
+if TYPE_CHECKING:
+    from pigeon.server.listener import ListenerRuntime
+    from pigeon.server.services import Services
+
+log = logging.getLogger("pigeon.smtp")
+
+MAX_HOPS = 100
+
+
+@dataclass
+class Transaction:
+    msgid: int
+    sender: str
+    mail_params: dict[str, str | None]
+    envelopes: list[Envelope] = field(default_factory=list)
+    rcpts: list[str] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _count_received(body: bytes) -> int:
+    count = 0
+    for line in body.split(b"\r\n"):
+        if not line:
+            break
+        if line[:9].lower() == b"received:":
+            count += 1
+    return count
+
+
+def _has_header(body: bytes, name: bytes) -> bool:
+    prefix = name.lower() + b":"
+    for line in body.split(b"\r\n"):
+        if not line:
+            return False
+        if line[: len(prefix)].lower() == prefix:
+            return True
+    return False
+
+
+class SMTPSession(asyncio.Protocol):
+    def __init__(self, services: Services, listener: ListenerRuntime) -> None:
+        self.services = services
+        self.listener = listener
+        self.id = new_session_id()
+        self.transport: asyncio.Transport | None = None
+        self.conn: proto.ServerConnection | None = None
+        self.peer_ip = ""
+        self.rdns = "localhost"
+        self.local = False
+        self.helo = ""
+        self.esmtp = False
+        self.auth_user: str | None = None
+        self.tls_info: str | None = None
+        self.txn: Transaction | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        self.closed = False
+        self.messages = 0
+
+    # ------------------------------------------------------------------ transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = str(peer[0])
+            self.local = is_local(self.peer_ip)
+        elif self.listener.socket:
+            self.peer_ip = ""
+            self.local = True
+        self.rdns = "localhost" if self.local or not self.peer_ip else self.peer_ip
+        self.services.sessions.add(self)
+        self.services.stats.incr("smtp.session")
+        host = self.peer_ip or "local"
+        log.info("%s smtp connected address=%s host=%s", self.id, host, self.rdns)
+        if self.services.smtp_paused:
+            transport.write(Reply(421, "Service temporarily unavailable", "4.3.0").to_bytes())
+            transport.close()
+            return
+        if len(self.services.sessions) > self.services.max_sessions:
+            transport.write(Reply(421, "Too many connections", "4.7.0").to_bytes())
+            transport.close()
+            return
+        self.conn = proto.ServerConnection(
+            self.listener.server_config(tls_active=self.listener.smtps),
+            tls_active=self.listener.smtps,
+            peer=self.peer_ip or "local",
+        )
+        if self.listener.smtps:
+            self.tls_info = self._tls_description()
+        self.conn.greeting()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.conn is None:
+            return
+        self.conn.receive_data(data)
+        if self.task is None:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        if self.conn is not None:
+            self.conn.receive_data(b"")
+            if self.task is None:
+                self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.services.sessions.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+        self._abort_transaction()
+        log.info("%s smtp disconnected reason=%s", self.id, "quit" if exc is None else "io-error")
+
+    def timeout(self) -> None:
+        """Called by the daemon's sweeper when the session sat idle too long."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(Reply(421, "Session timed out", "4.4.2").to_bytes())
+            self.transport.close()
+            log.info("%s smtp disconnected reason=timeout", self.id)
+
+    # ------------------------------------------------------------------ event loop
+
+    def _flush(self) -> None:
+        if self.conn is None or self.transport is None:
+            return
+        out = self.conn.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+        if self.conn.closed and not self.transport.is_closing():
+            self.transport.close()
+
+    def _process(self) -> None:
+        """Handle events that need no I/O inline; hand the first one that does to a task."""
+        conn = self.conn
+        if conn is None:
+            return
+        while True:
+            event = conn.next_event()
+            if event is None:
+                break
+            if self._handle_sync(event):
+                continue
+            # Needs I/O: stop reading until the task has answered it.
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self.task = asyncio.get_running_loop().create_task(self._run(event))
+            break
+        self._flush()
+
+    async def _run(self, event: object) -> None:
+        try:
+            await self._handle_async(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s smtp internal error", self.id)
+            if self.conn is not None and self.conn.awaiting_answer is not None:
+                self.conn.reject(Reply(421, "Temporary failure", "4.3.0"))
+                self._abort_transaction()
+        finally:
+            self.task = None
+        if self.closed:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+        self._process()
+
+    def _handle_sync(self, event: object) -> bool:
+        conn = self.conn
+        assert conn is not None
+        if isinstance(event, proto.Helo):
+            self.helo = event.name
+            self.esmtp = event.extended
+            conn.accept()
+        elif isinstance(event, proto.MailFrom):
+            self._mail_from(event)
+        elif isinstance(event, proto.DataBegin):
+            conn.accept()
+        elif isinstance(event, proto.DataChunk):
+            txn = self.txn
+            if txn is not None:
+                txn.chunks.append(event.data)
+                txn.size += len(event.data)
+        elif isinstance(event, proto.MessageRejected):
+            self._log_failed("DATA", event.reply)
+            self._abort_transaction()
+        elif isinstance(event, proto.Reset):
+            self._abort_transaction()
+        elif isinstance(event, proto.Quit):
+            self._abort_transaction()
+        elif isinstance(event, proto.CommandRejected):
+            self._log_failed(event.line, event.reply)
+        elif isinstance(event, proto.ConnectionLost):
+            self._abort_transaction()
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            return False
+        return True
+
+    async def _handle_async(self, event: object) -> None:
+        conn = self.conn
+        assert conn is not None
+        if isinstance(event, proto.RcptTo):
+            await self._rcpt_to(event)
+        elif isinstance(event, proto.MessageEnd):
+            await self._message_end()
+        elif isinstance(event, proto.StartTLS):
+            await self._starttls()
+        elif isinstance(event, proto.AuthCredentials):
+            await self._auth(event)
+        else:  # an event this session does not know: refuse rather than hang
+            conn.reject(Reply(502, "Command not implemented", "5.5.1"))
+
+    # ------------------------------------------------------------------ commands
+
+    def _mail_from(self, event: proto.MailFrom) -> None:
+        conn = self.conn
+        assert conn is not None
+        self._abort_transaction()
+        msgid = self.services.store.reserve_msgid()
+        self.txn = Transaction(msgid=msgid, sender=event.address, mail_params=event.params)
+        conn.accept(Reply(250, "Ok", "2.0.0"))
+
+    def _match_context(self, rcpt: str) -> MatchContext:
+        txn = self.txn
+        return MatchContext(
+            local=self.local,
+            socket=self.listener.socket,
+            src_ip=self.peer_ip,
+            rdns=self.rdns,
+            helo=self.helo,
+            auth_user=self.auth_user,
+            tls=self.tls_info is not None,
+            tag=self.listener.tag,
+            mail_from=txn.sender if txn else "",
+            rcpt_to=rcpt,
+        )
+
+    async def _rcpt_to(self, event: proto.RcptTo) -> None:
+        conn = self.conn
+        txn = self.txn
+        assert conn is not None
+        if txn is None:
+            conn.reject(Reply(503, "Invalid command: Command not allowed at this point.", "5.5.1"))
+            return
+        try:
+            destinations = await self.services.expander.expand(self._match_context(event.address))
+        except SMTPError as err:
+            conn.reject(err.reply())
+            self._log_failed(f"RCPT TO:<{event.address}>", err.reply())
+            return
+        if not destinations:
+            reply = Reply(550, f"Invalid recipient: <{event.address}>", "5.1.1")
+            conn.reject(reply)
+            self._log_failed(f"RCPT TO:<{event.address}>", reply)
+            return
+        now = int(time.time())
+        notify = parse_dsn_notify(event.params.get("NOTIFY"))
+        orcpt = event.params.get("ORCPT") or ""
+        for dest in destinations:
+            action = self.services.config.actions.get(dest.dispatcher)
+            kind = "mta" if action is not None and action.method == "relay" else "mda"
+            flags = []
+            if dest.internal:
+                flags.append(FLAG_INTERNAL)
+            if self.auth_user or self.listener.socket:
+                flags.append(FLAG_AUTHENTICATED)
+            txn.envelopes.append(
+                Envelope(
+                    evpid=new_evpid(txn.msgid),
+                    dispatcher=dest.dispatcher,
+                    type=kind,
+                    sender=txn.sender,
+                    rcpt=event.address,
+                    dest=dest.dest,
+                    ctime=now,
+                    smtpname=self.listener.hostname,
+                    helo=self.helo,
+                    hostname=self.rdns,
+                    sockaddr=self.peer_ip or "local",
+                    tag=self.listener.tag or "",
+                    username=self.auth_user or "",
+                    flags=flags,
+                    dsn_notify=notify,
+                    dsn_ret=(txn.mail_params.get("RET") or "").upper(),
+                    dsn_envid=txn.mail_params.get("ENVID") or "",
+                    dsn_orcpt=orcpt,
+                    mda_exec=dest.mda_exec or "",
+                    mda_subaddress=dest.subaddress or "",
+                    mda_user=dest.user or "",
+                )
+            )
+        txn.rcpts.append(event.address)
+        conn.accept(Reply(250, "Destination address valid: Recipient ok", "2.1.5"))
+
+    def _build_message(self, txn: Transaction) -> bytes:
+        body = b"".join(txn.chunks)
+        info = ReceivedInfo(
+            helo=self.helo or self.peer_ip,
+            rdns=self.rdns,
+            ip=self.peer_ip,
+            hostname=self.listener.hostname,
+            msgid=msgid_hex(txn.msgid),
+            esmtp=self.esmtp,
+            tls=self.tls_info,
+            authenticated=self.auth_user is not None or self.listener.socket,
+            auth_user=self.auth_user,
+            received_auth=self.listener.received_auth,
+            mask_src=self.listener.mask_src,
+            single_rcpt=txn.rcpts[0] if len(txn.rcpts) == 1 else None,
+        )
+        head = received_header(info)
+        if self.local or self.auth_user is not None or self.listener.socket:
+            # Submission from our own host or a user: complete what a bare client left out.
+            if not _has_header(body, b"date"):
+                from email.utils import formatdate
+
+                head += f"Date: {formatdate(localtime=True)}\r\n".encode()
+            if not _has_header(body, b"message-id"):
+                head += f"Message-ID: <{self.id}@{self.listener.hostname}>\r\n".encode()
+        return head + body
+
+    async def _message_end(self) -> None:
+        conn = self.conn
+        txn = self.txn
+        assert conn is not None
+        if txn is None or not txn.envelopes:
+            conn.reject(Reply(503, "Invalid command: No recipients", "5.5.1"))
+            return
+        body = b"".join(txn.chunks)
+        txn.chunks = [body]
+        if _count_received(body) >= MAX_HOPS:
+            reply = Reply(500, "Routing loop detected: Loop detected", "5.4.6")
+            conn.reject(reply)
+            self._log_failed("DATA", reply)
+            self._abort_transaction()
+            return
+        message = self._build_message(txn)
+        self.txn = None
+        try:
+            await self.services.store.commit(txn.msgid, message, txn.envelopes)
+        except QueueError as exc:
+            log.error("%s smtp queue commit failed: %s", self.id, exc)
+            self.services.store.release_msgid(txn.msgid)
+            conn.reject(Reply(421, "Temporary failure", "4.3.0"))
+            if self.transport is not None:
+                self._flush()
+                self.transport.close()
+            return
+        self.messages += 1
+        mid = msgid_hex(txn.msgid)
+        proto_name = "ESMTP" if self.esmtp else "SMTP"
+        log.info(
+            "%s smtp message msgid=%s size=%d nrcpt=%d proto=%s",
+            self.id,
+            mid,
+            len(message),
+            len(txn.rcpts),
+            proto_name,
+        )
+        for env in txn.envelopes:
+            log.info(
+                "%s smtp envelope evpid=%s from=<%s> to=<%s>",
+                self.id,
+                evpid_hex(env.evpid),
+                env.sender,
+                env.dest,
+            )
+        self.services.accepted(txn.envelopes)
+        conn.accept(Reply(250, f"{mid} Message accepted for delivery", "2.0.0"))
+
+    async def _starttls(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        context = self.listener.ssl_context
+        if context is None or self.transport is None:
+            conn.reject(Reply(502, "Command not supported", "5.5.1"))
+            return
+        conn.accept()
+        self._flush()
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await loop.start_tls(self.transport, self, context, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("%s smtp disconnected reason=tls-error (%s)", self.id, exc)
+            self.transport.close()
+            return
+        if new_transport is None:
+            self.transport.close()
+            return
+        self.transport = new_transport
+        self.tls_info = self._tls_description()
+        conn.tls_started()
+
+    def _tls_description(self) -> str | None:
+        if self.transport is None:
+            return None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        if cipher is None:
+            return None
+        name, version, bits = cipher
+        return f"{version}:{name}:{bits}:NO"
+
+    async def _auth(self, event: proto.AuthCredentials) -> None:
+        conn = self.conn
+        assert conn is not None
+        authenticator = self.listener.authenticator
+        ok = False
+        if authenticator is not None:
+            try:
+                ok = await authenticator(event.username, event.password)
+            except SMTPError as err:
+                conn.reject(err.reply())
+                return
+        result = "ok" if ok else "permfail"
+        log.info("%s smtp authentication user=%s result=%s", self.id, event.username, result)
+        if ok:
+            self.auth_user = event.username
+            conn.accept()
+        else:
+            conn.reject(Reply(535, "Authentication failed", "5.7.8"))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _abort_transaction(self) -> None:
+        if self.txn is not None:
+            self.services.store.release_msgid(self.txn.msgid)
+            self.txn = None
+
+    def _log_failed(self, command: str, reply: Reply) -> None:
+        log.info(
+            '%s smtp failed-command command="%s" result="%s"', self.id, command, str(reply)
+        )
