@@ -231,8 +231,9 @@ class Daemon:
             return LocalTarget("mbox", env.mda_exec, user)
         if action.method == "maildir":
             path = action.maildir_path or "~/Maildir"
-            return LocalTarget("maildir", self.expander.expand_format(path, values), user,
-                               junk=action.junk)
+            return LocalTarget(
+                "maildir", self.expander.expand_format(path, values), user, junk=action.junk
+            )
         if action.method == "mbox":
             return LocalTarget("mbox", f"/var/mail/{info.name}", user)
         if action.method == "mda":
@@ -248,8 +249,7 @@ class Daemon:
         ]
         rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
         mda_log.info(
-            "%s mda delivery evpid=%s from=<%s> to=<%s> rcpt=%s user=%s delay=%s "
-            "result=%s stat=%s",
+            "%s mda delivery evpid=%s from=<%s> to=<%s> rcpt=%s user=%s delay=%s result=%s stat=%s",
             secrets.token_hex(8),
             evpid_hex(env.evpid),
             env.sender,
@@ -357,8 +357,16 @@ class Daemon:
         try:
             for rcpt in rcpts:
                 ctx = MatchContext(
-                    local=True, socket=True, src_ip="", rdns="localhost", helo="localhost",
-                    auth_user=None, tls=False, tag=None, mail_from=sender, rcpt_to=rcpt,
+                    local=True,
+                    socket=True,
+                    src_ip="",
+                    rdns="localhost",
+                    helo="localhost",
+                    auth_user=None,
+                    tls=False,
+                    tag=None,
+                    mail_from=sender,
+                    rcpt_to=rcpt,
                 )
                 for dest in await self.expander.expand(ctx):
                     action = self.config.actions.get(dest.dispatcher)

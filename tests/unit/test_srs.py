@@ -23,7 +23,7 @@ from pigeon.srs import (
     timestamp_in_window,
 )
 
-VECTORS_PATH = Path("/work/shared/design/srs-vectors.json")
+VECTORS_PATH = Path(__file__).resolve().parents[1] / "data" / "design" / "srs-vectors.json"
 VECTOR_DAY = 20781  # every vector was recorded on this day (2026-11-24 UTC), stamp "JN"
 NOW = VECTOR_DAY * DAY + 20 * 3600 + 15 * 60  # the recording ran at about 20:15 UTC
 KEY = "s3cr3t-Alpha"

@@ -84,18 +84,19 @@ def split_statements(tokens: Iterator[Tok]) -> Iterator[Statement]:
     error: Tok | None = None
     pending: Tok | None = None
     while True:
+        tok: Tok | None
         if pending is not None:
             tok, pending = pending, None
         else:
-            tok = next(tokens, None)  # type: ignore[arg-type]
-            if tok is None:
-                break
+            tok = next(tokens, None)
+        if tok is None:
+            break
         if tok.type == "ERROR":
             error = error or tok
             continue
         if tok.type == "NL":
             if depth > 0:
-                pending = next(tokens, None)  # type: ignore[arg-type]
+                pending = next(tokens, None)
                 if pending is not None and pending.type not in _STATEMENT_STARTERS:
                     continue
             if buf or error:
@@ -171,6 +172,7 @@ class ConfigReader:
                 continue
             tree = self._parse(stmt)
             if tree is None:
+                self.builder.placeholder(stmt.tokens)
                 continue
             include = self.builder.statement(tree, stmt.tokens)
             if include is not None:
@@ -182,7 +184,7 @@ class ConfigReader:
 
     def _parse(self, stmt: Statement) -> Tree[Token] | None:
         try:
-            tree: Tree[Token] = _lark().parse(stmt.lark_tokens())  # type: ignore[arg-type]
+            tree: Tree[Token] = _lark().parse(stmt.lark_tokens())  # type: ignore[arg-type,unused-ignore]
         except UnexpectedToken as e:
             bad = None if e.token.type == "$END" else stmt.tokens[e.token.start_pos or 0]
             where = bad or stmt.end

@@ -57,8 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-v", dest="verbose", action="store_true")
     p.add_argument("-D", dest="macros", action="append", metavar="NAME=VALUE")
-    p.add_argument("-P", dest="paused", action="append", choices=["mda", "mta", "smtp"],
-                   help="start with this subsystem paused")
+    p.add_argument(
+        "-P",
+        dest="paused",
+        action="append",
+        choices=["mda", "mta", "smtp"],
+        help="start with this subsystem paused",
+    )
     spool_opt(p)
 
     for verb in CONTROL_VERBS:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pigeon.control.views import human_duration, queue_row, render_queue_line
-from pigeon.queue.envelope import evpid_hex, msgid_hex
+from pigeon.queue.envelope import evpid_hex
 
 if TYPE_CHECKING:
     from pigeon.daemon import Daemon
@@ -80,7 +80,7 @@ class ControlServer:
             response: dict[str, Any] = {"ok": True, "output": output, "data": data}
         except CommandError as exc:
             response = {"ok": False, "output": str(exc)}
-        except (json.JSONDecodeError, asyncio.TimeoutError, UnicodeDecodeError):
+        except (TimeoutError, json.JSONDecodeError, UnicodeDecodeError):
             response = {"ok": False, "output": "malformed request"}
         except (ConnectionError, asyncio.IncompleteReadError):
             return
@@ -134,7 +134,9 @@ class ControlServer:
                     log.info(
                         "relay: Remove for %s: from=<%s>, to=<%s>, rcpt=<->, delay=%s, "
                         "stat=Removed by administrator",
-                        evpid_hex(evpid), env.sender, env.dest,
+                        evpid_hex(evpid),
+                        env.sender,
+                        env.dest,
                         human_duration(int(time.time()) - env.ctime),
                     )
                     d.scheduler.remove(evpid)
@@ -258,4 +260,3 @@ class ControlServer:
             except ConnectionError:
                 return
             await asyncio.sleep(1)
-        _ = msgid_hex

@@ -117,7 +117,7 @@ async def _run_child(
         return None, f"cannot run delivery: {exc.strerror or exc}"
     try:
         out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
         await proc.wait()
@@ -130,8 +130,8 @@ def _exit_outcome(code: int | None, last: str) -> Outcome:
     if code == 0:
         return Outcome.ok("Delivered")
     if code is None or code < 0 or code in (EX_TEMPFAIL, EX_OSERR):
-        return Outcome.tempfail(f"Error (temporary failure: \"{last}\")")
-    return Outcome.permfail(f"Error (permanent failure: \"{last}\")")
+        return Outcome.tempfail(f'Error (temporary failure: "{last}")')
+    return Outcome.permfail(f'Error (permanent failure: "{last}")')
 
 
 async def deliver(target: LocalTarget, env: Envelope, body: bytes) -> Outcome:
@@ -184,6 +184,6 @@ async def deliver(target: LocalTarget, env: Envelope, body: bytes) -> Outcome:
             await asyncio.to_thread(mbox_deliver, target.target, env.sender, message)
     except DeliveryFailure as exc:
         if exc.temporary:
-            return Outcome.tempfail(f"Error (temporary failure: \"{exc.text}\")")
-        return Outcome.permfail(f"Error (permanent failure: \"{exc.text}\")")
+            return Outcome.tempfail(f'Error (temporary failure: "{exc.text}")')
+        return Outcome.permfail(f'Error (permanent failure: "{exc.text}")')
     return Outcome.ok("Delivered")

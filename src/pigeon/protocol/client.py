@@ -17,7 +17,10 @@ Driving it::
             RecipientResult / DeliveryResult -> per-recipient outcome, as it becomes known
             MailRejected / TransactionResult -> this transaction is over; start the next or quit()
             SessionFailed / Closed -> send what data_to_send() holds, then close the socket
-        await sock.write(conn.data_to_send())
+        await sock.write(conn.data_to_send())   # before reading again: see below
+
+Replies must answer commands already handed out by ``data_to_send()``; a reply that arrives
+earlier is a protocol violation (OpenSMTPD: "Remote host sent too much data").
 
 Every recipient gets exactly one deciding event: a non-2xx ``RecipientResult``, a
 ``DeliveryResult``, a ``MailRejected`` for the whole transaction, or - if the session fails first -
@@ -489,6 +492,11 @@ class ClientConnection:
         self._encoder: _BodyEncoder | None = None
         self._quit_requested = False
         self._consecutive_rcpt_failures = 0
+        # Counted to catch a server answering commands it cannot have seen yet (replies must
+        # follow what data_to_send() handed out; OpenSMTPD: "Remote host sent too much data").
+        self._commands_sent = 1  # the greeting is "asked for" by connecting
+        self._commands_handed_out = 1
+        self._replies_received = 0
         self._pending.append(_Command(_Kind.GREETING, b""))
 
     # ---- state the caller may look at
@@ -538,6 +546,7 @@ class ClientConnection:
         try:
             while not self.finished and (reply := self._parser.next_reply()) is not None:
                 self._on_reply(reply)
+                self._flush()
                 if self._waiting_for_tls() and self._parser.has_data:
                     # Anything behind "220 go ahead" was sent in clear text and must not be
                     # read as if it came over TLS (STARTTLS response injection).
@@ -554,6 +563,8 @@ class ClientConnection:
         return self._events.popleft() if self._events else None
 
     def data_to_send(self) -> bytes:
+        """Bytes to write to the server now (commands, body); b"" when there is nothing."""
+        self._commands_handed_out = self._commands_sent
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -597,8 +608,10 @@ class ClientConnection:
         if self._config.lmtp:
             for index in txn.accepted:
                 self._pending.append(_Command(_Kind.LMTP_EOM, b"", txn, index))
+            self._commands_sent += len(txn.accepted)
         else:
             self._pending.append(_Command(_Kind.EOM, b"", txn))
+            self._commands_sent += 1
 
     def send_body(self, body: bytes) -> None:
         """The whole body at once; lines may end in CRLF or LF. Dot-stuffed, ends with CRLF.CRLF."""
@@ -648,6 +661,7 @@ class ClientConnection:
             command = self._outbox.popleft()
             self._out += command.line
             self._pending.append(command)
+            self._commands_sent += 1
 
     def _drop_unsent(self, txn: _TxnState) -> None:
         self._outbox = deque(c for c in self._outbox if c.txn is not txn)
@@ -694,6 +708,10 @@ class ClientConnection:
             reason = "server is closing the session" if reply.code == 421 else "unexpected reply"
             self._fail(reply, reason)
             return
+        if self._replies_received >= self._commands_handed_out:
+            self._fail(reply, "reply received before the command was sent")
+            return
+        self._replies_received += 1
         command = self._pending.popleft()
         handler = _HANDLERS[command.kind]
         handler(self, command, reply)

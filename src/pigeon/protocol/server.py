@@ -6,8 +6,7 @@ with :meth:`ServerConnection.next_event`, answers the events that need an answer
 :meth:`~ServerConnection.data_to_send` returns. Peer input never raises; misuse of this
 API by the application raises :class:`ProtocolError`.
 
-Behaviour and reply texts follow OpenSMTPD's ``smtp_session.c``; the deliberate
-differences are listed in ``docs/dev`` and in the docstrings below:
+Behaviour and reply texts follow OpenSMTPD's ``smtp_session.c``. Deliberate differences:
 
 * Lines: a command line may end in CRLF or a bare LF (OpenSMTPD accepts both). In DATA
   only ``<CRLF>.<CRLF>`` ends the message. A bare CR, bare LF or NUL anywhere in the data
@@ -18,7 +17,13 @@ differences are listed in ``docs/dev`` and in the docstrings below:
   session is closed, as OpenSMTPD does. Data lines are limited to ``max_line_length``
   bytes (OpenSMTPD's ``SMTP_LINE_MAX`` 65535 including CRLF, far above RFC 5321's 1000);
   a longer one refuses the message, not the session (OpenSMTPD closes the session).
-* PIPELINING is advertised and honoured (OpenSMTPD refuses pipelined input).
+* PIPELINING is advertised and honoured (OpenSMTPD refuses pipelined input), and so is
+  SMTPUTF8 (8-bit addresses only in a transaction whose MAIL FROM carried SMTPUTF8).
+* ``MAIL FROM ... SIZE=n`` above the limit is refused with 552 (OpenSMTPD ignores SIZE).
+* ``<user@>`` is refused (OpenSMTPD turns it into ``user@<hostname>``); quoted local parts
+  are accepted (OpenSMTPD refuses them). ``<user>`` still becomes ``user@<hostname>``.
+* Parameter values are checked (RET, BODY, NOTIFY words, ENVID and ORCPT xtext); OpenSMTPD
+  ignores unknown RET and NOTIFY words. RCPT parameter errors carry an enhanced code.
 """
 
 from __future__ import annotations
@@ -190,6 +195,8 @@ _ANSWERED = (Helo, MailFrom, RcptTo, DataBegin, MessageEnd, StartTLS, AuthCreden
 
 # -- replies (OpenSMTPD's texts; "esc description: detail") -----------------------------
 
+R_VRFY = Reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.2")
+R_VRFY_SYNTAX = Reply(501, "Syntax error: VRFY needs an argument", "5.5.4")
 R_OK = Reply(250, "Ok", "2.0.0")
 R_RCPT_OK = Reply(250, "Destination address valid: Recipient ok", "2.1.5")
 R_DATA = Reply(354, 'Enter mail, end with "." on a line by itself')
@@ -493,7 +500,7 @@ class ServerConnection:
         if cfg.starttls and not self._tls:
             lines.append("STARTTLS")
         if self._auth_offered():
-            lines.append("AUTH " + " ".join(m.upper() for m in cfg.auth_mechanisms))
+            lines.append("AUTH " + " ".join(self._mechanisms()))
         if cfg.pipelining:
             lines.append("PIPELINING")
         if cfg.smtputf8:
@@ -501,11 +508,15 @@ class ServerConnection:
         lines.append("HELP")
         return Reply(250, "\n".join(lines))
 
+    def _mechanisms(self) -> list[str]:
+        """Configured mechanisms this machine can run, in the configured order."""
+        upper = (m.upper() for m in self.config.auth_mechanisms)
+        return [m for m in dict.fromkeys(upper) if m in SUPPORTED_AUTH]
+
     def _auth_offered(self) -> bool:
-        cfg = self.config
         return (
-            bool(cfg.auth_mechanisms)
-            and (self._tls or not cfg.auth_requires_tls)
+            bool(self._mechanisms())
+            and (self._tls or not self.config.auth_requires_tls)
             and self._auth_user is None
         )
 
@@ -593,6 +604,12 @@ class ServerConnection:
                 self._send(R_HELP)
             else:
                 self._refuse(line, R_NO_ARGS)
+        elif verb == "VRFY":
+            # RFC 5321 3.5.3: never confirm or deny a user; say the mail would be tried.
+            if args:
+                self._send(R_VRFY)
+            else:
+                self._refuse(line, R_VRFY_SYNTAX)
         elif verb == "WIZ":
             self._refuse(line, R_WIZ if args is None else R_NO_ARGS)
         elif verb == "STARTTLS":
@@ -625,7 +642,9 @@ class ServerConnection:
             return self._refuse(line, R_TOO_MANY_MAILS)
         try:
             # 8-bit is checked again below, once we know whether SMTPUTF8 was given.
-            _, rest = parse_path(args or "", allow_null=True, utf8=True)
+            _, rest = parse_path(
+                args or "", allow_null=True, utf8=True, default_domain=cfg.hostname
+            )
         except AddressError:
             return self._refuse(line, R_SENDER_SYNTAX)
         try:
@@ -781,8 +800,7 @@ class ServerConnection:
             return self._refuse(shown, R_NOT_SUPPORTED)
         if args is None:
             return self._refuse(shown, R_AUTH_NO_PARAMS)
-        offered = {m.upper() for m in self.config.auth_mechanisms}
-        if mechanism not in offered or mechanism not in SUPPORTED_AUTH:
+        if mechanism not in self._mechanisms():
             return self._refuse(shown, _unknown_mechanism(_printable(mechanism)))
         if mechanism == "PLAIN":
             if initial:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
-from pigeon.queue.envelope import Envelope
+from pigeon.queue.envelope import DSN_DELAY, DSN_FAILURE, DSN_NEVER, DSN_SUCCESS, Envelope
 
 _ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -102,9 +102,7 @@ def build_report(
     now = time.time() if now is None else now
     first = items[0].envelope
     boundary = f"{secrets.randbits(62)}/{hostname}"
-    intro = INTROS.get(kind, INTROS["failed"]).format(
-        delay=_human_delay(int(now - first.ctime))
-    )
+    intro = INTROS.get(kind, INTROS["failed"]).format(delay=_human_delay(int(now - first.ctime)))
     lines = "".join(f"\r\n{i.envelope.dest}: {i.line}\r\n" for i in items)
     outro = OUTROS.get(kind, "").format(
         until=formatdate(expires_at, localtime=False) if expires_at else "it expires"
@@ -147,7 +145,8 @@ def build_report(
         f"Message-ID: {msgid}\r\n"
         f"Auto-Submitted: auto-replied\r\n"
         f"MIME-Version: 1.0\r\n"
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n"
+        f'\tboundary="{boundary}"\r\n'
         f"\r\n"
         f"This is a MIME-encapsulated message.\r\n"
         f"\r\n"
@@ -175,7 +174,6 @@ def build_report(
 
 def wants_report(env: Envelope, kind: str) -> bool:
     """No bounce for a bounce; NOTIFY=NEVER/SUCCESS/DELAY/FAILURE honoured."""
-    from pigeon.queue.envelope import DSN_DELAY, DSN_FAILURE, DSN_NEVER, DSN_SUCCESS
 
     if not env.sender:
         return False

@@ -142,8 +142,12 @@ class JournalStore:
                     f.flush()
                     os.fsync(f.fileno())
             else:
-                log.error("queue: %s is damaged at %d (%s); later records skipped",
-                          path.name, good_end, exc)
+                log.error(
+                    "queue: %s is damaged at %d (%s); later records skipped",
+                    path.name,
+                    good_end,
+                    exc,
+                )
 
     def _apply(self, segment: int, rec: records.Record) -> None:
         if rec.kind == records.MESSAGE:

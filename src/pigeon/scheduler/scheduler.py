@@ -173,7 +173,9 @@ class Scheduler:
                 out.append(env)
         return out
 
-    def _top(self, heap: list[tuple[float, int]], valid: Callable[[float, int], bool]) -> float | None:
+    def _top(
+        self, heap: list[tuple[float, int]], valid: Callable[[float, int], bool]
+    ) -> float | None:
         while heap and not valid(*heap[0]):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
@@ -187,12 +189,12 @@ class Scheduler:
     async def run_due(self) -> list[asyncio.Task[None]]:
         """Start every attempt that is due now; return their tasks."""
         now = self.clock.now()
+        started = []
         if self._expire is not None:
             for env in self._expired(now):
                 self.inflight.add(env.evpid)
                 self._due.pop(env.evpid, None)
-                self._spawn(self._expire(env), env.evpid)
-        started = []
+                started.append(self._spawn(self._expire(env), env.evpid))
         for env in self._pop_due(now):
             self.inflight.add(env.evpid)
             self._due.pop(env.evpid, None)

@@ -231,9 +231,7 @@ class SMTPSession(asyncio.Protocol):
         elif isinstance(event, proto.MessageRejected):
             self._log_failed("DATA", event.reply)
             self._abort_transaction()
-        elif isinstance(event, proto.Reset):
-            self._abort_transaction()
-        elif isinstance(event, proto.Quit):
+        elif isinstance(event, (proto.Reset, proto.Quit)):
             self._abort_transaction()
         elif isinstance(event, proto.CommandRejected):
             self._log_failed(event.line, event.reply)
@@ -479,6 +477,4 @@ class SMTPSession(asyncio.Protocol):
             self.txn = None
 
     def _log_failed(self, command: str, reply: Reply) -> None:
-        log.info(
-            '%s smtp failed-command command="%s" result="%s"', self.id, command, str(reply)
-        )
+        log.info('%s smtp failed-command command="%s" result="%s"', self.id, command, str(reply))

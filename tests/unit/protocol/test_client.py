@@ -34,12 +34,14 @@ class Session:
     def __init__(self, **config: object) -> None:
         config.setdefault("helo", "relay.test")
         self.conn = ClientConnection(ClientConfig(**config))  # type: ignore[arg-type]
+        self.written = b""
 
     def server(self, *lines: str) -> list[Event]:
-        self.conn.receive_data(wire(*lines))
-        return self.events()
+        return self.server_bytes(wire(*lines))
 
     def server_bytes(self, data: bytes) -> list[Event]:
+        # The server answers only what the client wrote: put the client's output on the wire.
+        self.written += self.conn.data_to_send()
         self.conn.receive_data(data)
         return self.events()
 
@@ -50,7 +52,10 @@ class Session:
         return out
 
     def sent(self) -> str:
-        return self.conn.data_to_send().decode()
+        """What the client wrote since the last call."""
+        out = self.written + self.conn.data_to_send()
+        self.written = b""
+        return out.decode()
 
 
 def only(events: list[Event], kind: type) -> object:
@@ -497,3 +502,22 @@ def test_start_transaction_before_ready_is_a_caller_error() -> None:
     s = Session()
     with pytest.raises(ClientProtocolError):
         s.conn.start_transaction(Transaction("a@b", [RecipientSpec("c@d")]))
+
+
+def test_reply_to_a_command_not_yet_written_is_a_violation() -> None:
+    # Greeting and an "EHLO reply" in one read: the server answered before we said EHLO.
+    conn = ClientConnection(ClientConfig("relay.test"))
+    conn.receive_data(wire("220 mx.test", "250 mx.test"))
+    events = [conn.next_event(), conn.next_event()]
+    assert isinstance(events[0], SessionFailed)
+    assert events[0].reason == "reply received before the command was sent"
+    assert events[1] is None
+
+
+def test_pipelined_replies_must_follow_the_written_commands() -> None:
+    s = ready_session()
+    s.conn.start_transaction(Transaction("a@b", [RecipientSpec("c@d")]))
+    # The caller has not written MAIL/RCPT/DATA yet, so these cannot be their answers.
+    s.conn.receive_data(wire("250 ok"))
+    failed = only(s.events(), SessionFailed)
+    assert isinstance(failed, SessionFailed) and "before the command" in failed.reason

@@ -36,13 +36,19 @@ class Session:
     def __init__(self, ehlo: list[str], **config: object) -> None:
         config.setdefault("helo", "relay.test")
         self.conn = ClientConnection(ClientConfig(**config))  # type: ignore[arg-type]
-        self.conn.receive_data(wire("220 sink.test ESMTP"))
-        self.conn.receive_data(wire(*ehlo))
-        self.conn.data_to_send()
+        self.written = b""
+        self.server("220 sink.test ESMTP")
+        self.server(*ehlo)
+        self.sent()
         self.events()  # Ready
 
     def server(self, *lines: str) -> list[Event]:
-        self.conn.receive_data(wire(*lines))
+        return self.server_bytes(wire(*lines))
+
+    def server_bytes(self, data: bytes) -> list[Event]:
+        # The server answers only what the client wrote: put the client's output on the wire.
+        self.written += self.conn.data_to_send()
+        self.conn.receive_data(data)
         return self.events()
 
     def events(self) -> list[Event]:
@@ -52,7 +58,10 @@ class Session:
         return out
 
     def sent(self) -> str:
-        return self.conn.data_to_send().decode()
+        """What the client wrote since the last call."""
+        out = self.written + self.conn.data_to_send()
+        self.written = b""
+        return out.decode()
 
 
 def txn(*rcpts: str, sender: str = "alice@example.test") -> Transaction:
@@ -238,6 +247,7 @@ def test_recipient_mix_only_accepted_ones_get_the_final_reply() -> None:
 def test_all_recipients_refused_without_pipelining_resets_instead_of_data() -> None:
     s = Session(EHLO_SIMPLE)
     s.conn.start_transaction(txn("a@reject.test", "b@reject.test"))
+    assert s.sent() == "MAIL FROM:<alice@example.test>\r\n"
     s.server("250 ok")
     s.server("550 5.1.1 no")
     assert s.sent() == "RCPT TO:<a@reject.test>\r\nRCPT TO:<b@reject.test>\r\n"
@@ -489,3 +499,12 @@ def test_no_transaction_after_quit() -> None:
     assert not s.conn.can_start_transaction
     with pytest.raises(ClientProtocolError):
         s.conn.start_transaction(txn("a@sink.test"))
+
+
+def test_a_2xx_answer_to_data_also_starts_the_body() -> None:
+    # OpenSMTPD's mta goes to the body on any 2xx/3xx answer to DATA; so do we.
+    s = Session(EHLO_SIMPLE)
+    s.conn.start_transaction(txn("a@sink.test"))
+    s.server("250 ok")
+    s.server("250 ok")
+    assert s.server("250 send it") == [DataReady()]

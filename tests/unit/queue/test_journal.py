@@ -145,7 +145,7 @@ def test_compaction_moves_live_messages_and_drops_old_segments(
         await store.close()
         return keep, done
 
-    keep, done = asyncio.run(scenario())
+    keep, _done = asyncio.run(scenario())
     store = reopen(tmp_path)
     assert set(store.messages) == {keep}
     assert store.read_body(keep) == b"k" * 1000

@@ -1,0 +1,123 @@
+"""The table interface: services, the three operations, and opening a config's tables.
+
+Every key is lower-cased here, once, before any backend sees it (as OpenSMTPD's
+``table_lookup`` does), except the password half of an ``auth`` key.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+
+from pigeon.config.model import Config, TableDecl, TableRef
+
+
+class Service(enum.Enum):
+    ALIAS = "alias"
+    DOMAIN = "domain"
+    CREDENTIALS = "credentials"
+    NETADDR = "netaddr"
+    USERINFO = "userinfo"
+    SOURCE = "source"
+    MAILADDR = "mailaddr"
+    ADDRNAME = "addrname"
+    MAILADDRMAP = "mailaddrmap"
+    RELAYHOST = "relayhost"
+    STRING = "string"
+    REGEX = "regex"
+    AUTH = "auth"
+
+
+class TableError(Exception):
+    """A temporary backend failure: callers turn it into a 4xx / deferral."""
+
+
+MAX_KEY = 1024
+
+
+def normalize_key(service: Service, key: str) -> str:
+    if len(key) >= MAX_KEY:
+        raise TableError(f"table key too long ({len(key)} chars)")
+    if service is Service.AUTH and ":" in key:
+        user, password = key.split(":", 1)
+        return f"{user.lower()}:{password}"
+    return key.lower()
+
+
+class Table(ABC):
+    """A named table. Subclasses implement the ``_`` methods on normalised keys."""
+
+    name: str
+
+    async def lookup(self, service: Service, key: str) -> str | None:
+        return await self._lookup(service, normalize_key(service, key))
+
+    async def check(self, service: Service, key: str) -> bool:
+        return await self._check(service, normalize_key(service, key))
+
+    async def fetch(self, service: Service) -> str | None:
+        return await self._fetch(service)
+
+    async def update(self) -> None:
+        """Reload from the source (``smtpctl update table``); no-op for inline tables."""
+
+    @abstractmethod
+    def services(self) -> frozenset[Service]: ...
+
+    @abstractmethod
+    async def _lookup(self, service: Service, key: str) -> str | None: ...
+
+    @abstractmethod
+    async def _check(self, service: Service, key: str) -> bool: ...
+
+    async def _fetch(self, service: Service) -> str | None:
+        return None
+
+
+TableFactory = Callable[[TableDecl, Config], Table]
+
+
+def open_tables(
+    config: Config, backends: Mapping[str, TableFactory] | None = None
+) -> dict[str, Table]:
+    """Open every named table of ``config``. ``backends`` adds or overrides backend
+    factories by name (e.g. ``proc``, ``sqlite``); a backend nobody provides raises
+    TableError."""
+    from pigeon.tables.static import GetpwnamTable, static_from_decl
+
+    factories: dict[str, TableFactory] = {
+        "static": static_from_decl,
+        "getpwnam": lambda decl, _c: GetpwnamTable(decl.name),
+    }
+    factories.update(backends or {})
+    tables: dict[str, Table] = {}
+    for name, decl in config.tables.items():
+        factory = factories.get(decl.backend)
+        if factory is None:
+            raise TableError(f'table "{name}": backend "{decl.backend}" is not available')
+        tables[name] = factory(decl, config)
+    tables.setdefault("<getpwnam>", GetpwnamTable("<getpwnam>"))
+    return tables
+
+
+class TableResolver:
+    """Finds the table a directive refers to; anonymous inline tables are built once."""
+
+    def __init__(self, config: Config, tables: Mapping[str, Table]) -> None:
+        self._config = config
+        self._tables = tables
+        self._inline: dict[TableDecl, Table] = {}
+
+    def get(self, ref: TableRef) -> Table:
+        from pigeon.tables.static import static_from_decl
+
+        if ref.name is not None:
+            return self._tables[ref.name]
+        assert ref.inline is not None
+        key = ref.inline
+        table = self._inline.get(key)
+        if table is None:
+            table = static_from_decl(ref.inline, self._config)
+            self._inline[key] = table
+        return table
