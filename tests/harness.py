@@ -46,7 +46,8 @@ class Workdir:
         return root
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not os.environ.get("PIGEON_TEST_KEEP"):  # keep for post-mortems when set
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 class PigeonDaemon:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pigeon.config.expand import FormatContext, FormatError, expand_format
 from pigeon.config.model import Action, Config
 from pigeon.control.server import ControlServer
 from pigeon.delivery.local import LocalTarget, LocalUser
@@ -86,7 +87,7 @@ class Daemon:
             accepted=self._accepted,
             smtp_paused="smtp" in options.paused,
         )
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
         self.control = ControlServer(self, options.spool / "control.sock")
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -223,22 +224,35 @@ class Daemon:
         if info is None:
             raise SMTPError(550, "5.1.1", f"user unknown: {name}")
         user = LocalUser(info.name, info.uid, info.gid, info.home)
-        values = self.expander.format_values(env, info)
         if env.mda_exec:
             # An alias or .forward target: "|command" or "/path/to/mbox-file".
             if env.mda_exec.startswith("|"):
                 return LocalTarget("mda", env.mda_exec[1:], user)
             return LocalTarget("mbox", env.mda_exec, user)
+        ctx = FormatContext(
+            sender=env.sender,
+            rcpt=env.rcpt,
+            dest=env.dest,
+            username=info.name,
+            directory=info.home,
+            subaddr_delim=self.config.smtp.sub_addr_delim,
+        )
+
+        def expand(fmt: str) -> str:
+            if fmt.startswith("~/"):
+                fmt = "%{user.directory}" + fmt[1:]
+            try:
+                return expand_format(fmt, ctx)
+            except FormatError as exc:
+                raise SMTPError(550, "5.3.0", f"cannot expand {fmt!r}: {exc}") from exc
+
         if action.method == "maildir":
-            path = action.maildir_path or "~/Maildir"
-            return LocalTarget(
-                "maildir", self.expander.expand_format(path, values), user, junk=action.junk
-            )
+            path = expand(action.maildir_path or "~/Maildir")
+            return LocalTarget("maildir", path, user, junk=action.junk)
         if action.method == "mbox":
             return LocalTarget("mbox", f"/var/mail/{info.name}", user)
         if action.method == "mda":
-            command = self.expander.expand_format(action.mda_command or "", values)
-            return LocalTarget("mda", command, user)
+            return LocalTarget("mda", expand(action.mda_command or ""), user)
         raise SMTPError(550, "5.3.0", f"cannot deliver locally with {action.method}")
 
     async def _record_outcome(self, env: Envelope, outcome: Outcome) -> None:

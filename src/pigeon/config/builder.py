@@ -8,6 +8,7 @@ bad table file): Pigeon reports the cause once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import replace
@@ -136,10 +137,8 @@ class Builder:
             assert isinstance(path, Token)
             return self.tok(path)
         handler = getattr(self, f"_st_{stmt.data}")
-        try:
+        with contextlib.suppress(StatementError):
             handler(stmt)
-        except StatementError:
-            pass
         return None
 
     def placeholder(self, toks: list[Tok]) -> None:
@@ -379,11 +378,15 @@ class Builder:
 
     # -- tables --------------------------------------------------------------------------
 
-    def _table_values(self, tree: Tree[Token]) -> tuple[TableKind, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    def _table_values(
+        self, tree: Tree[Token]
+    ) -> tuple[TableKind, tuple[str, ...], tuple[tuple[str, str], ...]]:
         inner = tree.children[0]
         assert isinstance(inner, Tree)
         if inner.data == "string_list":
-            values = tuple(str(c) for c in inner.children if isinstance(c, Token) and c.type == "STRING")
+            values = tuple(
+                str(c) for c in inner.children if isinstance(c, Token) and c.type == "STRING"
+            )
             return "list", values, ()
         pairs = []
         for kv in inner.children:
@@ -402,7 +405,9 @@ class Builder:
         assert isinstance(name, Token) and isinstance(vals, Tree)
         kind, values, mapping = self._table_values(vals)
         tok = self.tok(name)
-        decl = TableDecl(str(name), "static", None, kind, values, mapping, False, tok.file, tok.line)
+        decl = TableDecl(
+            str(name), "static", None, kind, values, mapping, False, tok.file, tok.line
+        )
         self._declare_table(name, decl)
 
     def _st_table_backend(self, t: Tree[Token]) -> None:
@@ -438,21 +443,24 @@ class Builder:
                     spec, f"invalid configuration file {config} for table {name}: {e.strerror}"
                 ) from e
             except TableFileError as e:
-                raise self.fail(spec, f"invalid configuration file {config} for table {name}: {e}") from e
+                raise self.fail(
+                    spec, f"invalid configuration file {config} for table {name}: {e}"
+                ) from e
             self.tables[str(name)] = replace(
                 decl, kind=parsed.kind, values=parsed.values, mapping=parsed.mapping
             )
             return
         if backend == "getpwnam":
             return
-        if backend not in BUILTIN_BACKENDS and self.check_files:
-            if not any(os.path.exists(f"{d}/table-{backend}") for d in PROC_TABLE_DIRS):
-                raise self.fail(spec, f'table backend "{backend}" does not exist')
-        if backend == "db" and self.check_files and config is not None:
-            if not (os.path.exists(config) or os.path.exists(config + ".db")):
-                raise self.fail(
-                    spec, f"invalid configuration file {config} for table {name}: No such file or directory"
-                )
+        if not self.check_files:
+            return
+        helpers = (f"{d}/table-{backend}" for d in PROC_TABLE_DIRS)
+        if backend not in BUILTIN_BACKENDS and not any(map(os.path.exists, helpers)):
+            raise self.fail(spec, f'table backend "{backend}" does not exist')
+        if backend == "db" and config is not None and not os.path.exists(config):
+            raise self.fail(
+                spec, f"invalid configuration file {config} for table {name}: no such file"
+            )
 
     def _tables(self, tree: Tree[Token]) -> TableRef:
         first = tree.children[0]
@@ -467,7 +475,9 @@ class Builder:
         self.anon_count += 1
         label = f"<inline:{self.anon_count}>"
         if tree.data == "tablestr":
-            decl = TableDecl(label, "static", None, "list", (str(first),), (), True, tok.file, tok.line)
+            decl = TableDecl(
+                label, "static", None, "list", (str(first),), (), True, tok.file, tok.line
+            )
         else:
             vals = tree.children[1]
             assert isinstance(vals, Tree)
@@ -534,7 +544,9 @@ class Builder:
         chain = self._chain(names, None)
         self.dynchain_count += 1
         label = f"<dynchain:{self.dynchain_count:08x}>"
-        self.filters[label] = Filter(label, "chain", chain=chain, anonymous=True, line=self.line(kw))
+        self.filters[label] = Filter(
+            label, "chain", chain=chain, anonymous=True, line=self.line(kw)
+        )
         return label
 
     def _new_filter_name(self, name: Token) -> str:
@@ -555,7 +567,9 @@ class Builder:
         assert isinstance(name, Token) and isinstance(command, Token)
         fname = self._new_filter_name(name)
         line = self.line(name)
-        self.filters[fname] = Filter(fname, "proc-exec", proc=fname, command=str(command), line=line)
+        self.filters[fname] = Filter(
+            fname, "proc-exec", proc=fname, command=str(command), line=line
+        )
         params = self._proc_params(_children(t)[4:], "processor")
         self.filters[fname] = Filter(
             fname,
@@ -606,7 +620,9 @@ class Builder:
         decision = str(decision_tok)
         argument = str(faction.children[1]) if len(faction.children) > 1 else None
         if phase == "commit" and decision in ("junk", "bypass"):
-            raise self.fail(decision_tok, f'syntax error: "{decision}" is not allowed in phase commit')
+            raise self.fail(
+                decision_tok, f'syntax error: "{decision}" is not allowed in phase commit'
+            )
         builtin = BuiltinFilter(phase, condition, negated, regex, table, decision, argument)
         self.filters[fname] = Filter(fname, "builtin", builtin=builtin, line=self.line(name))
 
@@ -629,9 +645,8 @@ class Builder:
         for opt in _children(t)[3:]:
             self._listen_opt(opt, opts)
         tls_mode = opts.get("smtps") or opts.get("tls") or opts.get("tls_require")
-        if opts.get("auth") or opts.get("auth_optional"):
-            if not tls_mode:
-                raise self.fail(iface, "invalid listen option: auth requires tls/smtps")
+        if (opts.get("auth") or opts.get("auth_optional")) and not tls_mode:
+            raise self.fail(iface, "invalid listen option: auth requires tls/smtps")
         pkis = opts.get("pki", ())
         if pkis and not tls_mode:
             raise self.fail(iface, "invalid listen option: pki requires tls/smtps")
@@ -726,7 +741,9 @@ class Builder:
         elif data == "opt_hostnames":
             once("hostnames", "hostnames already specified")
             assert isinstance(arg, Tree)
-            opts["hostnames"] = self._use(arg, "mapping", 'invalid use of TABLE as HOSTNAMES parameter')
+            opts["hostnames"] = self._use(
+                arg, "mapping", "invalid use of TABLE as HOSTNAMES parameter"
+            )
         elif data == "opt_received_auth":
             once("received_auth", "received-auth already specified")
             opts["received_auth"] = True
@@ -818,7 +835,9 @@ class Builder:
             if "userbase" in fields:
                 raise self.fail(kw, "userbase mapping already specified for this dispatcher")
             assert isinstance(arg, Tree)
-            fields["userbase"] = self._use(arg, "mapping", "TABLE may not be used for userbase lookups")
+            fields["userbase"] = self._use(
+                arg, "mapping", "TABLE may not be used for userbase lookups"
+            )
         elif opt.data == "lo_wrapper":
             if str(arg) not in self.wrappers:
                 raise self.fail(arg, f"no mda wrapper with that name: {arg}")  # type: ignore[arg-type]
@@ -844,7 +863,9 @@ class Builder:
         elif data == "helo_src":
             once("helo_src", "helo-source mapping")
             assert isinstance(arg, Tree)
-            fields["helo_src"] = self._use(arg, "mapping", "TABLE may not be used for helo-source lookups")
+            fields["helo_src"] = self._use(
+                arg, "mapping", "TABLE may not be used for helo-source lookups"
+            )
         elif data == "src":
             once("src", "source mapping")
             assert isinstance(arg, Tree)
@@ -940,9 +961,7 @@ class Builder:
         if self.check_files:
             self._check_pki_files()
         self._check_action_refs()
-        if not self.matches and not self.issues:
-            self.issues.append(ConfigIssue(self.filename, 0, None, "no rules, nothing to do"))
-        elif not self.matches:
+        if (not self.matches and not self.issues) or not self.matches:
             self.issues.append(ConfigIssue(self.filename, 0, None, "no rules, nothing to do"))
         socket = self.socket_listener or Listener("socket", "socket", implicit=True)
         config = Config(
@@ -968,7 +987,10 @@ class Builder:
             metrics=self.metrics,
             macros=MappingProxyType(dict(self.macros)),
         )
-        issues = sorted(self.issues, key=lambda i: (i.line <= 0, 0))
+        # file order (the top file's position of each include is not tracked: files are
+        # grouped in the order they were first reported); whole-file issues last
+        files = list(dict.fromkeys(i.file for i in self.issues))
+        issues = sorted(self.issues, key=lambda i: (i.line <= 0, files.index(i.file), i.line))
         return config, issues
 
     def _check_pki_files(self) -> None:

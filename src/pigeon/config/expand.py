@@ -74,7 +74,7 @@ def _token(spec: str, ctx: FormatContext) -> str:
     name, begin, end, mods = m.groups()
     value, sanitize = _value(name, ctx)
     raw = False
-    for mod in (mods.split("|") if mods else []):
+    for mod in mods.split("|") if mods else []:
         mod = mod.lower()
         if mod == "lowercase":
             value = value.lower()
@@ -106,10 +106,7 @@ def _slice(value: str, begin_s: str | None, end_s: str | None, spec: str) -> str
     n = len(value)
     has_sep = ":" in spec.split("]")[0]
     begin = int(begin_s) if begin_s else 0
-    if not has_sep:
-        end = begin
-    else:
-        end = int(end_s) if end_s else EXPAND_BUFFER
+    end = begin if not has_sep else (int(end_s) if end_s else EXPAND_BUFFER)
     if begin >= n:
         raise FormatError(f"format slice out of range: {spec}")
     end = min(end, n - 1)

@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KEYWORDS: frozenset[str] = frozenset(
-    """action admd alias any auth auth-optional backup bounce bypass ca cert chain chroot
-    ciphers commit compression connect data data-line dhe disconnect domain ehlo encryption
-    expand-only fcrdns filter for forward-only from group helo helo-src host hostname hostnames
-    include inet4 inet6 junk key limit listen lmtp local mail-from maildir mask-src masquerade
-    match max-deferred max-message-size mbox mda mta mx no-dsn no-verify noop on phase pki port
-    proc proc-exec protocols proxy-v2 queue quit rcpt-to rdns received-auth recipient regex
-    reject relay report rewrite rset scheduler senders smtp smtp-in smtp-out smtps socket src
-    srs sub-addr-delim table tag tagged tls tls-require ttl user userbase verify virtual
-    warn-interval wrapper""".split()
+    """action admd alias any auth auth-optional backup bounce bypass ca cert chain chroot ciphers
+    commit compression connect data data-line dhe disconnect domain ehlo encryption
+    expand-only fcrdns filter for forward-only from group helo helo-src host hostname
+    hostnames include inet4 inet6 junk key limit listen lmtp local mail-from maildir mask-src
+    masquerade match max-deferred max-message-size mbox mda mta mx no-dsn no-verify noop on
+    phase pki port proc proc-exec protocols proxy-v2 queue quit rcpt-to rdns received-auth
+    recipient regex reject relay report rewrite rset scheduler senders smtp smtp-in smtp-out
+    smtps socket src srs sub-addr-delim table tag tagged tls tls-require ttl user userbase
+    verify virtual warn-interval wrapper""".split()  # noqa: SIM905
 )
 
 # Terminal names used by the grammar for punctuation characters.
@@ -262,7 +262,9 @@ class Lexer:
         while True:
             c = src.peek()
             if not c:
-                return self._error(src, line, col, "reached end of file while parsing quoted string")
+                return self._error(
+                    src, line, col, "reached end of file while parsing quoted string"
+                )
             src.advance()
             if c == "\n":
                 continue

@@ -25,9 +25,11 @@ from pigeon.config.model import Config
 # Keywords that only ever start a statement: used to stop an unclosed "{" from eating the file.
 _STATEMENT_STARTERS = frozenset(
     keyword_terminal(k)
-    for k in "action admd bounce ca include listen match mda mta pki proc queue scheduler smtp "
-    "srs table".split()
-)
+    for k in (
+        "action", "admd", "bounce", "ca", "include", "listen", "match", "mda", "mta", "pki",
+        "proc", "queue", "scheduler", "smtp", "srs", "table",
+    )
+)  # fmt: skip
 _TERMINAL_TEXT = {
     "STRING": "a string",
     "NUMBER": "a number",
@@ -125,8 +127,10 @@ def _syntax_message(stmt: Statement, bad: Tok | None, expected: set[str]) -> str
         message = "syntax error: unexpected end of line"
     else:
         shown = bad.value if bad.type != "STRING" or not bad.quoted else f'"{bad.value}"'
-        message = f'syntax error: unexpected "{shown}"' if not bad.quoted else (
-            f"syntax error: unexpected string {shown}"
+        message = (
+            f'syntax error: unexpected "{shown}"'
+            if not bad.quoted
+            else (f"syntax error: unexpected string {shown}")
         )
     hint = _hint(stmt, bad, expected)
     if hint:

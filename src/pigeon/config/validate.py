@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 import socket
 
-_SCALE = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_SCALE = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+    "e": 1 << 60,
+}
 _SCALED = re.compile(r"^(-?\d+)(?:\.(\d+))?([bkmgtpe]?)$", re.IGNORECASE)
 _DELAY = re.compile(r"^(\d+)([smhd])$")
 _DELAY_FACTOR = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -15,15 +24,15 @@ _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?$")
 MTA_LIMIT_KEYS = frozenset(
     """max-conn-per-host max-conn-per-route max-conn-per-source max-conn-per-connector
     max-conn-per-relay max-conn-per-domain conn-delay-host conn-delay-route conn-delay-source
-    conn-delay-connector conn-delay-relay conn-delay-domain reconn-delay-route session-mail-max
-    session-transaction-delay session-keepalive max-failures-per-session task-hiwat task-lowat
-    task-release""".split()
+    conn-delay-connector conn-delay-relay conn-delay-domain reconn-delay-route
+    session-mail-max session-transaction-delay session-keepalive max-failures-per-session
+    task-hiwat task-lowat task-release""".split()  # noqa: SIM905
 )
 MDA_LIMIT_KEYS = frozenset(
-    "max-session max-session-per-user task-lowat task-hiwat task-release".split()
+    ["max-session", "max-session-per-user", "task-lowat", "task-hiwat", "task-release"]
 )
 SCHEDULER_LIMIT_KEYS = frozenset(
-    "max-inflight max-evp-batch-size max-msg-batch-size max-schedule".split()
+    ["max-inflight", "max-evp-batch-size", "max-msg-batch-size", "max-schedule"]
 )
 SMTP_LIMIT_KEYS = frozenset(("max-mails", "max-rcpt"))
 

@@ -9,8 +9,8 @@ fsync.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -98,32 +98,35 @@ async def _run_child(
     cwd: str | None,
     timeout: float,
 ) -> tuple[int | None, str]:
-    kwargs: dict[str, object] = {}
-    if user is not None:
-        kwargs.update(user=user.uid, group=user.gid, extra_groups=[])
-    if cwd is not None and os.path.isdir(cwd):
-        kwargs["cwd"] = cwd
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            **kwargs,  # type: ignore[arg-type]
-        )
-    except OSError as exc:
-        return None, f"cannot run delivery: {exc.strerror or exc}"
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-        await proc.wait()
-        return None, "delivery timed out"
-    lines = [ln for ln in out.decode("utf-8", "replace").splitlines() if ln.strip()]
-    return proc.returncode, (lines[-1] if lines else "")
+    """Run a delivery child (as ``user`` when given) in a worker thread.
+
+    subprocess.run switches uid/gid/groups for us; uvloop's subprocess API cannot.
+    """
+
+    def run() -> tuple[int | None, str]:
+        try:
+            proc = subprocess.run(
+                argv,
+                input=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd if cwd is not None and os.path.isdir(cwd) else None,
+                timeout=timeout,
+                start_new_session=True,
+                user=user.uid if user is not None else None,
+                group=user.gid if user is not None else None,
+                extra_groups=[] if user is not None else None,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return None, "delivery timed out"
+        except OSError as exc:
+            return None, f"cannot run delivery: {exc.strerror or exc}"
+        lines = [ln for ln in proc.stdout.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return proc.returncode, (lines[-1] if lines else "")
+
+    return await asyncio.to_thread(run)
 
 
 def _exit_outcome(code: int | None, last: str) -> Outcome:

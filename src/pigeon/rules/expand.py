@@ -395,6 +395,13 @@ class Expander:
         except ValueError as e:
             raise TableError(str(e)) from e
 
+    async def user_info(self, action: Action, name: str) -> UserInfo | None:
+        """The account a local delivery runs as (the action's userbase, else the system)."""
+        try:
+            return await self._user_lookup(action, name)
+        except TableError as e:
+            raise SMTPError(451, "4.3.0", f"user lookup failed: {e}") from e
+
     async def _user_lookup(self, action: Action, name: str) -> UserInfo | None:
         if action.userbase is None:
             return await self.userinfo(name)

@@ -13,6 +13,7 @@ its FQDN and the host's addresses as literals (``[192.0.2.1]``), like OpenSMTPD'
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ def host_addresses() -> frozenset[str]:
     found: set[str] = set()
     try:  # IPv4 local addresses from the routing trie
         lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        for prev, line in zip(lines, lines[1:], strict=False):
+        for prev, line in itertools.pairwise(lines):
             if "/32 host LOCAL" in line:
                 found.add(prev.split()[-1])
     except OSError:
@@ -119,7 +120,7 @@ class Ruleset:
         return await table.check(Service.REGEX if c.regex else service, key)
 
     async def _criterion(self, c: Criterion, ctx: MatchContext) -> bool:
-        rcpt_user, rcpt_domain = split_mailaddr(ctx.rcpt_to)
+        rcpt_domain = split_mailaddr(ctx.rcpt_to)[1]
         kind = c.kind
         if kind == "from-any" or kind == "for-any":
             return True

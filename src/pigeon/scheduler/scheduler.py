@@ -21,6 +21,8 @@ from pigeon.scheduler import policy
 
 log = logging.getLogger("pigeon.scheduler")
 
+BUG_RETRY_DELAY = 300.0
+
 
 class Clock(Protocol):
     def now(self) -> float: ...
@@ -208,8 +210,9 @@ class Scheduler:
             except Exception:  # a bug in an agent must not stop the scheduler
                 log.exception("scheduler: delivery of %016x failed unexpectedly", evpid)
                 env = self._envelopes.get(evpid)
-                if env is not None:
-                    self.retried(env)
+                self.inflight.discard(evpid)
+                if env is not None:  # try again later, not at once: no hot loop on a bug
+                    self.add(env, when=self.clock.now() + BUG_RETRY_DELAY)
             finally:
                 self._wake.set()
 

@@ -86,12 +86,12 @@ def _ipv6_available() -> bool:
 
 async def start_listener(
     services: Services, runtime: ListenerRuntime
-) -> list[asyncio.AbstractServer]:
+) -> list[asyncio.Server]:
     """Bind every address of the listener; IPv6 loopback is skipped when the host lacks it."""
     from pigeon.server.session import SMTPSession
 
     loop = asyncio.get_running_loop()
-    servers = []
+    servers: list[asyncio.Server] = []
     ipv6 = _ipv6_available()
     for host, port in runtime.addresses:
         if ":" in host and not ipv6:
@@ -108,7 +108,7 @@ async def start_listener(
     return servers
 
 
-def bound_ports(servers: list[asyncio.AbstractServer]) -> list[tuple[str, int]]:
+def bound_ports(servers: list[asyncio.Server]) -> list[tuple[str, int]]:
     out = []
     for server in servers:
         for sock in server.sockets:

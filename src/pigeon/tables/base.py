@@ -59,7 +59,7 @@ class Table(ABC):
     async def fetch(self, service: Service) -> str | None:
         return await self._fetch(service)
 
-    async def update(self) -> None:
+    async def update(self) -> None:  # noqa: B027 - optional for backends
         """Reload from the source (``smtpctl update table``); no-op for inline tables."""
 
     @abstractmethod

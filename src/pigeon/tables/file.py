@@ -42,7 +42,9 @@ def _split_entry(line: str) -> tuple[str, str | None]:
         rest = rest[1:] if rest else rest  # the separator itself
     # skip blanks, and ": " (aliases style) before the value
     i = 0
-    while i < len(rest) and (rest[i] in " \t" or (rest[i] == ":" and rest[i + 1 : i + 2] in (" ", "\t"))):
+    while i < len(rest) and (
+        rest[i] in " \t" or (rest[i] == ":" and rest[i + 1 : i + 2] in (" ", "\t"))
+    ):
         i += 1
     value = rest[i:]
     return key, (value or None)

@@ -177,7 +177,11 @@ def static_from_decl(decl: TableDecl, config: Config) -> StaticTable:
         except (OSError, TableFileError) as e:
             raise TableError(f"table {decl.name}: {e}") from e
         return StaticTable(
-            decl.name, parsed.values, parsed.mapping, kind=parsed.kind, subaddr_delim=delim,
+            decl.name,
+            parsed.values,
+            parsed.mapping,
+            kind=parsed.kind,
+            subaddr_delim=delim,
             path=decl.config,
         )
     return StaticTable(decl.name, decl.values, decl.mapping, kind=decl.kind, subaddr_delim=delim)

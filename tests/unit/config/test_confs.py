@@ -96,7 +96,7 @@ NUMBERED = sorted(p.name for p in CONFS.glob("[0-9][0-9]-*.conf")) if CONFS.exis
 
 @pytest.mark.parametrize("name", NUMBERED)
 def test_stubbed_verdict_matches_opensmtpd(name: str, tmp_path: Path) -> None:
-    plain, stubbed = _verdicts()[name]
+    stubbed = _verdicts()[name][1]
     text = _prepare(tmp_path, (CONFS / name).read_text(), set())
     issues = _run(text, name)
     if stubbed == ["configuration OK"]:
@@ -135,7 +135,7 @@ def test_syntax_errors_conf_exact_messages(tmp_path: Path) -> None:
         '13.conf:2:38: syntax error: unexpected "!" (a builtin filter takes exactly one condition)',
         '13.conf:3:42: syntax error: "junk" is not allowed in phase commit',
         "13.conf:4:28: no filter exist with that name: undeclared",
-        '13.conf:5:31: no such dispatcher: nonexistent',
+        "13.conf:5:31: no such dispatcher: nonexistent",
         "13.conf: no rules, nothing to do",
     ]
 

@@ -32,13 +32,18 @@ def test_numbers_sizes_and_words() -> None:
 
 def test_keywords_only_when_unquoted() -> None:
     assert lex('relay "relay" mail-from') == [
-        ("RELAY", "relay"), ("STRING", "relay"), ("MAIL_FROM", "mail-from")
+        ("RELAY", "relay"),
+        ("STRING", "relay"),
+        ("MAIL_FROM", "mail-from"),
     ]
 
 
 def test_backslashes_in_quotes() -> None:
     assert lex(r'"a\"b" "\.x\d" "sp\ ace" ' + "'it\\'s'") == [
-        ("STRING", 'a"b'), ("STRING", r"\.x\d"), ("STRING", "sp ace"), ("STRING", "it's")
+        ("STRING", 'a"b'),
+        ("STRING", r"\.x\d"),
+        ("STRING", "sp ace"),
+        ("STRING", "it's"),
     ]
 
 
@@ -114,7 +119,11 @@ def test_conf_11_values() -> None:
     assert c.admd == "mx.example.org" and c.mta_max_deferred == 50
     lan = c.listeners[1]
     assert (lan.interface, lan.port, lan.tag, lan.hostname, lan.no_dsn) == (
-        "127.0.0.1", 10025, "LAN", "mx.example.org", True
+        "127.0.0.1",
+        10025,
+        "LAN",
+        "mx.example.org",
+        True,
     )
     assert c.listeners[0].kind == "socket" and c.listeners[0].tag == "LOCAL"
     md = c.actions["md"]

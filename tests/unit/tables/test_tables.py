@@ -19,7 +19,8 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 def test_file_mapping_formats_and_comments() -> None:
     parsed = parse_table_text(
-        "# comment\n\nRoot: bob, carol\nabuse   alice\npostmaster:root\nkey\tvalue # not a comment\n"
+        "# comment\n\nRoot: bob, carol\nabuse   alice\npostmaster:root\n"
+        "key\tvalue # not a comment\n"
         "[::1] localhost\n"
     )
     assert parsed.kind == "mapping"
@@ -33,7 +34,10 @@ def test_file_mapping_formats_and_comments() -> None:
 
 
 def test_file_list_and_forced_list() -> None:
-    assert parse_table_text("Example.ORG\n# c\nexample.net\n").values == ("example.org", "example.net")
+    assert parse_table_text("Example.ORG\n# c\nexample.net\n").values == (
+        "example.org",
+        "example.net",
+    )
     forced = parse_table_text("# @list\n^a b$\n")
     assert forced.kind == "list" and forced.values == ("^a b$",)
 
@@ -101,7 +105,9 @@ def test_domain_glob_and_regex() -> None:
 def test_fetch_rotates() -> None:
     t = StaticTable("t", ["192.0.2.10", "192.0.2.11"])
     assert [run(t.fetch(Service.SOURCE)) for _ in range(3)] == [
-        "192.0.2.10", "192.0.2.11", "192.0.2.10"
+        "192.0.2.10",
+        "192.0.2.11",
+        "192.0.2.10",
     ]
 
 
@@ -133,7 +139,9 @@ def test_open_tables_file_reload_and_inline(tmp_path: Path) -> None:
 
 
 def test_unavailable_backend_is_an_error() -> None:
-    config = parse_config_text('table x proc:/x\naction "a" mbox\nmatch action "a"', check_files=False)
+    config = parse_config_text(
+        'table x proc:/x\naction "a" mbox\nmatch action "a"', check_files=False
+    )
     with pytest.raises(TableError, match='backend "proc"'):
         open_tables(config)
     tables = open_tables(config, {"proc": lambda d, c: StaticTable(d.name)})

@@ -1,0 +1,798 @@
+"""Remote delivery ("mta"): MX hosts or a smarthost, STARTTLS, AUTH, connection reuse.
+
+Drives the pure client state machine ``pigeon.protocol.client`` over asyncio streams. Behaviour
+follows OpenSMTPD's ``mta.c``/``mta_session.c`` (delivery-queue.md 2.7-2.9):
+
+* MX hosts are tried in preference order, every address of each; the next one is tried when
+  connecting fails or the greeting/EHLO/STARTTLS/AUTH stage fails. Once a transaction started,
+  its replies are final for this attempt: 4xx -> tempfail, 5xx -> permfail, per recipient.
+* Opportunistic STARTTLS does not check the certificate, and when its handshake fails the
+  session is reconnected in plain text. Mandatory TLS (``tls``, ``smtp+tls://``, ``smtps://``)
+  checks name and chain unless ``no-verify``. AUTH only over TLS (the state machine refuses
+  otherwise).
+* All recipients of one call go in one transaction per destination. An idle session is kept
+  ``keepalive`` seconds (OpenSMTPD: 10 s) for the next call to the same destination, at most
+  ``max_mails_per_session`` transactions (100). At most ``max_conn_per_host`` sessions per
+  address and port carry a transaction at once (10).
+* Nothing here raises for network trouble: every envelope gets an Outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pigeon.delivery.dns import MXHost, MXResolver
+from pigeon.delivery.routes import (
+    RelayRoute,
+    RelayURL,
+    TLSPlan,
+    parse_relay_url,
+    route_for,
+    tls_plan,
+)
+from pigeon.errors import SMTPError
+from pigeon.protocol.client import (
+    ClientConfig,
+    ClientConnection,
+    ClientProtocolError,
+    Closed,
+    DataReady,
+    DeliveryResult,
+    Event,
+    Extensions,
+    MailRejected,
+    NeedStartTLS,
+    Ready,
+    RecipientResult,
+    RecipientSpec,
+    SessionFailed,
+    Transaction,
+    TransactionResult,
+)
+from pigeon.protocol.replies import Reply
+from pigeon.queue.envelope import DSN_DELAY, DSN_FAILURE, DSN_NEVER, DSN_SUCCESS, Envelope
+from pigeon.scheduler.scheduler import Outcome
+
+__all__ = [
+    "ClientSession",
+    "HandshakeError",
+    "RelayAgent",
+    "RelayRoute",
+    "RelaySettings",
+    "mail_params",
+    "notify_param",
+    "outcome_for",
+    "parse_relay_url",
+    "rcpt_params",
+    "reply_line",
+    "route_for",
+]
+
+log = logging.getLogger("pigeon.mta")
+
+_READ_SIZE = 65536
+_QUIT_TIMEOUT = 5.0  # a polite QUIT is not worth waiting the full command timeout for
+_MAX_ADDRESSES = 20  # addresses tried per attempt, whatever the DNS says
+
+
+# --------------------------------------------------------------------------------------------
+# Replies and parameters
+
+
+def reply_line(reply: Reply) -> str:
+    """``550 5.1.1 No such user`` on one line (a multiline text joined with spaces)."""
+    head = f"{reply.code} {reply.enhanced}" if reply.enhanced else str(reply.code)
+    text = " ".join(part for part in reply.text.split("\n") if part)
+    return f"{head} {text}" if text else head
+
+
+def outcome_for(reply: Reply) -> Outcome:
+    line = reply_line(reply)
+    if 200 <= reply.code < 300:
+        return Outcome.ok(line)
+    if reply.code >= 500:
+        return Outcome.permfail(line)
+    return Outcome.tempfail(line)
+
+
+def notify_param(bits: int) -> str | None:
+    """The RCPT ``NOTIFY=`` value for an envelope's DSN bitmask; None when not requested."""
+    if bits & DSN_NEVER:
+        return "NEVER"
+    words = [
+        word
+        for bit, word in ((DSN_SUCCESS, "SUCCESS"), (DSN_FAILURE, "FAILURE"), (DSN_DELAY, "DELAY"))
+        if bits & bit
+    ]
+    return ",".join(words) or None
+
+
+def _param_value_ok(value: str) -> bool:
+    return bool(value) and value.isascii() and not any(c.isspace() or c == "\0" for c in value)
+
+
+def rcpt_params(env: Envelope) -> dict[str, str | None]:
+    """DSN parameters passed on as received (RFC 3461 relay); dropped by the state machine
+    when the next hop does not advertise DSN."""
+    params: dict[str, str | None] = {}
+    notify = notify_param(env.dsn_notify)
+    if notify:
+        params["NOTIFY"] = notify
+    if env.dsn_orcpt:
+        orcpt = env.dsn_orcpt if ";" in env.dsn_orcpt else f"rfc822;{env.dsn_orcpt}"
+        if _param_value_ok(orcpt):
+            params["ORCPT"] = orcpt
+    return params
+
+
+def mail_params(
+    env: Envelope, body: bytes, addresses: Sequence[str], extensions: Extensions
+) -> dict[str, str | None]:
+    """MAIL FROM parameters: DSN RET/ENVID, SIZE, BODY=8BITMIME and SMTPUTF8 when needed."""
+    params: dict[str, str | None] = {}
+    if env.dsn_ret.upper() in ("FULL", "HDRS"):
+        params["RET"] = env.dsn_ret.upper()
+    if env.dsn_envid and _param_value_ok(env.dsn_envid):
+        params["ENVID"] = env.dsn_envid
+    params["SIZE"] = str(len(body))
+    if not body.isascii():
+        params["BODY"] = "8BITMIME"
+    if extensions.smtputf8 and not all(address.isascii() for address in addresses):
+        params["SMTPUTF8"] = None
+    return params
+
+
+def _valid_path(address: str) -> bool:
+    return not any(c in address for c in "\r\n\0<>")
+
+
+# --------------------------------------------------------------------------------------------
+# One client session over asyncio streams
+
+
+class HandshakeError(Exception):
+    """Connecting, the greeting, EHLO, STARTTLS or AUTH failed: try the next host."""
+
+    def __init__(self, reason: str, reply: Reply | None = None, *, tls_failed: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+        self.tls_failed = tls_failed
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {reply_line(self.reply)}" if self.reply else self.reason
+
+
+@dataclass
+class TransactionReport:
+    """What one transaction gave. ``replies``: deciding reply per recipient index (missing:
+    undecided, i.e. temporary). ``failure``: why the session broke, if it did."""
+
+    replies: dict[int, Reply] = field(default_factory=dict)
+    failure: str | None = None
+    answered: bool = False  # the server replied to MAIL or a RCPT of this transaction
+    body_sent: bool = False
+
+    @property
+    def untouched(self) -> bool:
+        """Nothing of this transaction reached the server's decision: safe to try again."""
+        return self.failure is not None and not self.answered and not self.body_sent
+
+
+class ClientSession:
+    """A ``ClientConnection`` on a socket, with a timeout on every read and write."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        config: ClientConfig,
+        *,
+        timeout: float,
+        peer: str,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._conn = ClientConnection(config)
+        self._timeout = timeout
+        self._dead = False
+        self.peer = peer
+        self.mails = 0
+
+    @classmethod
+    async def open_tcp(
+        cls,
+        host: str,
+        port: int,
+        config: ClientConfig,
+        *,
+        connect_timeout: float,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        local_address: str | None = None,
+    ) -> ClientSession:
+        """Connects (and with ``ssl_context`` does the TLS handshake: smtps). Raises OSError
+        or TimeoutError."""
+        async with asyncio.timeout(connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=server_hostname if ssl_context is not None else None,
+                local_addr=(local_address, 0) if local_address else None,
+            )
+        return cls(reader, writer, config, timeout=timeout, peer=f"{host}:{port}")
+
+    @classmethod
+    async def open_unix(
+        cls, path: str, config: ClientConfig, *, connect_timeout: float, timeout: float
+    ) -> ClientSession:
+        async with asyncio.timeout(connect_timeout):
+            reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer, config, timeout=timeout, peer=path)
+
+    @property
+    def extensions(self) -> Extensions:
+        return self._conn.extensions
+
+    @property
+    def tls_active(self) -> bool:
+        return self._conn.tls_active
+
+    @property
+    def consecutive_rcpt_failures(self) -> int:
+        return self._conn.consecutive_rcpt_failures
+
+    @property
+    def usable(self) -> bool:
+        """Can carry another transaction (as far as we can tell without asking)."""
+        return (
+            not self._dead
+            and self._conn.can_start_transaction
+            and not self._writer.is_closing()
+            and not self._reader.at_eof()
+        )
+
+    # ---- driving the state machine
+
+    async def _send(self) -> None:
+        data = self._conn.data_to_send()
+        if data:
+            self._writer.write(data)
+            async with asyncio.timeout(self._timeout):
+                await self._writer.drain()
+
+    def _broken(self, reason: str) -> SessionFailed:
+        self.abort()
+        return SessionFailed(None, reason)
+
+    async def next_event(self) -> Event:
+        """The next event, reading as needed. Network trouble comes back as SessionFailed."""
+        while True:
+            event = self._conn.next_event()
+            if event is not None:
+                return event
+            if self._dead or self._conn.finished:
+                return self._broken("session is over")
+            try:
+                await self._send()
+                async with asyncio.timeout(self._timeout):
+                    data = await self._reader.read(_READ_SIZE)
+            except TimeoutError:
+                return self._broken(f"timeout after {self._timeout:g}s waiting for {self.peer}")
+            except OSError as exc:  # includes ssl.SSLError
+                return self._broken(f"connection error: {exc}")
+            self._conn.receive_data(data)
+
+    async def handshake(
+        self, starttls: ssl.SSLContext | None = None, server_hostname: str | None = None
+    ) -> Ready:
+        """Greeting up to Ready (STARTTLS with ``starttls``, AUTH). Raises HandshakeError."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, Ready):
+                return event
+            if isinstance(event, NeedStartTLS) and starttls is not None:
+                await self._start_tls(starttls, server_hostname)
+                continue
+            if isinstance(event, SessionFailed):
+                await self.close()
+                raise HandshakeError(event.reason, event.reply)
+            self.abort()
+            raise HandshakeError(f"unexpected {type(event).__name__} during the handshake")
+
+    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._writer.start_tls(context, server_hostname=server_hostname)
+        except (OSError, TimeoutError) as exc:
+            self.abort()
+            detail = str(exc) or type(exc).__name__
+            raise HandshakeError(f"TLS handshake failed: {detail}", tls_failed=True) from None
+        self._conn.tls_started()
+
+    async def transact(self, txn: Transaction, body: bytes) -> TransactionReport:
+        """One mail transaction; the session stays open (reuse it or ``quit``)."""
+        report = TransactionReport()
+        self._conn.start_transaction(txn)
+        while True:
+            event = await self.next_event()
+            if isinstance(event, RecipientResult):
+                report.answered = True
+                if not 200 <= event.reply.code < 300:
+                    report.replies[event.index] = event.reply
+            elif isinstance(event, DataReady):
+                self._conn.send_body(body)
+                report.body_sent = True
+            elif isinstance(event, DeliveryResult):
+                report.replies[event.index] = event.reply
+            elif isinstance(event, MailRejected):
+                report.answered = True
+                for index in range(len(txn.recipients)):
+                    report.replies.setdefault(index, event.reply)
+                break
+            elif isinstance(event, TransactionResult):
+                if event.stage == "eom":
+                    self.mails += 1
+                break
+            elif isinstance(event, SessionFailed):
+                self.abort()
+                report.failure = (
+                    f"{event.reason}: {reply_line(event.reply)}" if event.reply else event.reason
+                )
+                return report
+            else:
+                self.abort()
+                report.failure = f"unexpected {type(event).__name__} during a transaction"
+                return report
+        try:
+            await self._send()  # an RSET queued behind a refusal
+        except (OSError, TimeoutError):
+            self.abort()
+        return report
+
+    # ---- ending
+
+    async def quit(self) -> None:
+        """QUIT and close; never raises."""
+        if self._dead or self._conn.finished:
+            self.abort()
+            return
+        try:
+            self._conn.quit()
+        except ClientProtocolError:
+            self.abort()
+            return
+        try:
+            async with asyncio.timeout(min(self._timeout, _QUIT_TIMEOUT)):
+                while not isinstance(await self.next_event(), Closed | SessionFailed):
+                    pass
+        except TimeoutError:
+            pass
+        await self.close()
+
+    async def close(self) -> None:
+        """Sends what is pending (a polite QUIT after a failure) and closes."""
+        if self._dead:
+            return
+        with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+            data = self._conn.data_to_send()
+            if data:
+                self._writer.write(data)
+        self._dead = True
+        self._writer.close()
+        with contextlib.suppress(OSError, TimeoutError, RuntimeError, ssl.SSLError):
+            async with asyncio.timeout(1.0):
+                await self._writer.wait_closed()
+
+    def abort(self) -> None:
+        """Drops the connection at once."""
+        self._dead = True
+        self._writer.transport.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+
+
+@dataclass
+class RelaySettings:
+    """Agent-wide settings. ``mx_port``: the port of MX hosts (25; tests aim it at loopback).
+    ``ca_file``: trust anchors for verified TLS (None: the system's)."""
+
+    helo: str
+    mx_port: int = 25
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    keepalive: float = 10.0
+    max_mails_per_session: int = 100
+    max_conn_per_host: int = 10
+    max_failures_per_session: int = 25
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str  # host name (for TLS verification, SNI and logs)
+    address: str
+    port: int
+    lmtp: bool
+    plan: TLSPlan
+
+    def describe(self) -> str:
+        return f"{self.name} [{self.address}]:{self.port}"
+
+
+@dataclass
+class _Idle:
+    session: ClientSession
+    timer: asyncio.TimerHandle | None = None
+
+
+_PoolKey = tuple[Any, ...]
+
+
+def _every(envelopes: Sequence[Envelope], outcome: Outcome) -> dict[int, Outcome]:
+    return {env.evpid: outcome for env in envelopes}
+
+
+def _outcome_for_error(err: SMTPError) -> Outcome:
+    return Outcome.tempfail(err.line()) if err.temporary else Outcome.permfail(err.line())
+
+
+class RelayAgent:
+    def __init__(self, settings: RelaySettings, resolver: MXResolver) -> None:
+        self.settings = settings
+        self._resolver = resolver
+        self._idle: dict[_PoolKey, list[_Idle]] = {}
+        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._contexts: dict[tuple[bool, tuple[str, str] | None], ssl.SSLContext] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- public
+
+    async def deliver(
+        self,
+        route: RelayRoute,
+        envelopes: Sequence[Envelope],
+        body: bytes,
+        *,
+        sender: str | None = None,
+    ) -> dict[int, Outcome]:
+        """Delivers one message to the envelopes' destinations. ``sender`` overrides the
+        envelope sender (e.g. SRS), else ``route.mail_from`` does, else the envelopes' own."""
+        if not envelopes:
+            return {}
+        if sender is None:
+            sender = route.mail_from if route.mail_from is not None else envelopes[0].sender
+        if not _valid_path(sender):
+            return _every(envelopes, Outcome.permfail(f"invalid sender address: {sender!r}"))
+        try:
+            helo = route.helo or self.settings.helo
+            ClientConfig(helo=helo)  # validates the name before anything is resolved
+            if route.smarthost is not None:
+                url = parse_relay_url(route.smarthost)
+                plan = tls_plan(url.scheme, route.tls)
+            else:
+                url = None
+                plan = tls_plan(None, route.tls)
+        except ValueError as exc:
+            return _every(envelopes, Outcome.tempfail(f"relay configuration error: {exc}"))
+        if url is not None:
+            return await self._deliver_smarthost(url, plan, route, sender, envelopes, body)
+        by_domain: dict[str, list[Envelope]] = {}
+        for env in envelopes:
+            by_domain.setdefault(env.dest.rpartition("@")[2].lower(), []).append(env)
+        results = await asyncio.gather(
+            *(
+                self._deliver_domain(domain, plan, route, sender, group, body)
+                for domain, group in by_domain.items()
+            )
+        )
+        merged: dict[int, Outcome] = {}
+        for result in results:
+            merged.update(result)
+        return merged
+
+    async def close(self) -> None:
+        """Ends every kept session (QUIT) and waits for the closings under way."""
+        idle = [entry for entries in self._idle.values() for entry in entries]
+        self._idle.clear()
+        for entry in idle:
+            if entry.timer is not None:
+                entry.timer.cancel()
+        await asyncio.gather(*(entry.session.quit() for entry in idle))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    @property
+    def idle_sessions(self) -> int:
+        return sum(len(entries) for entries in self._idle.values())
+
+    # ---- destinations
+
+    async def _deliver_domain(
+        self,
+        domain: str,
+        plan: TLSPlan,
+        route: RelayRoute,
+        sender: str,
+        envelopes: Sequence[Envelope],
+        body: bytes,
+    ) -> dict[int, Outcome]:
+        try:
+            hosts = await self._resolver.mx_hosts(domain)
+        except SMTPError as err:
+            log.info("mta: %s: %s", domain, err.line())
+            return _every(envelopes, _outcome_for_error(err))
+        if route.backup:
+            hosts = self._better_than_us(hosts, route.backup_mx or self.settings.helo)
+            if not hosts:
+                return _every(
+                    envelopes, Outcome.tempfail("No MX better than this backup MX for domain")
+                )
+        targets = [
+            _Target(host.name, address, self.settings.mx_port, False, plan)
+            for host in hosts
+            for address in host.addresses
+        ]
+        return await self._deliver_targets(targets, route, sender, envelopes, body)
+
+    @staticmethod
+    def _better_than_us(hosts: list[MXHost], our_name: str) -> list[MXHost]:
+        """As a backup MX only MXs strictly preferred to our own entry are used."""
+        ours = [h.preference for h in hosts if h.name.lower() == our_name.rstrip(".").lower()]
+        if not ours:
+            return hosts
+        return [host for host in hosts if host.preference < min(ours)]
+
+    async def _deliver_smarthost(
+        self,
+        url: RelayURL,
+        plan: TLSPlan,
+        route: RelayRoute,
+        sender: str,
+        envelopes: Sequence[Envelope],
+        body: bytes,
+    ) -> dict[int, Outcome]:
+        try:
+            addresses = await self._resolver.addresses(url.host)
+        except SMTPError as err:
+            return _every(envelopes, Outcome.tempfail(f"relay host {url.host}: {err.text}"))
+        if not addresses:
+            return _every(envelopes, Outcome.tempfail(f"relay host {url.host} has no address"))
+        targets = [
+            _Target(url.host, address, url.port, url.scheme == "lmtp", plan)
+            for address in addresses
+        ]
+        return await self._deliver_targets(targets, route, sender, envelopes, body)
+
+    async def _deliver_targets(
+        self,
+        targets: list[_Target],
+        route: RelayRoute,
+        sender: str,
+        envelopes: Sequence[Envelope],
+        body: bytes,
+    ) -> dict[int, Outcome]:
+        errors: list[str] = []
+        for target in targets[:_MAX_ADDRESSES]:
+            async with self._limit(target):
+                result = await self._deliver_via(target, route, sender, envelopes, body, errors)
+            if result is not None:
+                return result
+        detail = f" ({errors[-1]})" if errors else ""
+        return _every(envelopes, Outcome.tempfail(f"Network error on destination MXs{detail}"))
+
+    def _limit(self, target: _Target) -> asyncio.Semaphore:
+        key = (target.address, target.port)
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = self._limits[key] = asyncio.Semaphore(self.settings.max_conn_per_host)
+        return limit
+
+    async def _deliver_via(
+        self,
+        target: _Target,
+        route: RelayRoute,
+        sender: str,
+        envelopes: Sequence[Envelope],
+        body: bytes,
+        errors: list[str],
+    ) -> dict[int, Outcome] | None:
+        """One host: the outcomes, or None (and the reason in ``errors``) to try the next."""
+        key = self._pool_key(target, route)
+        session = self._take_idle(key)
+        reused = session is not None
+        for _ in range(2):  # a kept session the server dropped meanwhile: once more, fresh
+            if session is None:
+                try:
+                    session = await self._connect(target, route)
+                except HandshakeError as exc:
+                    log.info("mta: %s: %s", target.describe(), exc)
+                    errors.append(f"{target.describe()}: {exc}")
+                    return None
+            outcomes, report = await self._transact(session, sender, envelopes, body)
+            if report.untouched and reused:
+                log.debug("mta: kept session to %s was lost, reconnecting", target.describe())
+                session, reused = None, False
+                continue
+            self._after_transaction(key, session, report)
+            return outcomes
+        return None  # unreachable: the second round always returns
+
+    def _after_transaction(
+        self, key: _PoolKey, session: ClientSession, report: TransactionReport
+    ) -> None:
+        settings = self.settings
+        if (
+            report.failure is None
+            and session.usable
+            and session.mails < settings.max_mails_per_session
+            and session.consecutive_rcpt_failures < settings.max_failures_per_session
+            and settings.keepalive > 0
+        ):
+            self._put_idle(key, session)
+        else:
+            self._spawn(session.quit())
+
+    async def _transact(
+        self, session: ClientSession, sender: str, envelopes: Sequence[Envelope], body: bytes
+    ) -> tuple[dict[int, Outcome], TransactionReport]:
+        outcomes: dict[int, Outcome] = {}
+        sendable = []
+        for env in envelopes:
+            if _valid_path(env.dest):
+                sendable.append(env)
+            else:
+                outcomes[env.evpid] = Outcome.permfail(f"invalid recipient address: {env.dest!r}")
+        if not sendable:
+            return outcomes, TransactionReport()
+        addresses = [sender, *(env.dest for env in sendable)]
+        txn = Transaction(
+            sender=sender,
+            recipients=[RecipientSpec(env.dest, rcpt_params(env)) for env in sendable],
+            mail_params=mail_params(sendable[0], body, addresses, session.extensions),
+        )
+        report = await session.transact(txn, body)
+        undecided = Outcome.tempfail(report.failure or "no reply for this recipient")
+        for index, env in enumerate(sendable):
+            reply = report.replies.get(index)
+            outcomes[env.evpid] = outcome_for(reply) if reply is not None else undecided
+        return outcomes, report
+
+    # ---- sessions
+
+    def _pool_key(self, target: _Target, route: RelayRoute) -> _PoolKey:
+        return (
+            target.address,
+            target.port,
+            target.name.lower(),
+            target.lmtp,
+            target.plan,
+            route.auth,
+            route.helo or self.settings.helo,
+            route.source,
+            route.client_cert,
+        )
+
+    async def _connect(self, target: _Target, route: RelayRoute) -> ClientSession:
+        plan = target.plan
+        try:
+            return await self._open(target, route, plan.mode in ("opportunistic", "starttls"))
+        except HandshakeError as exc:
+            if not (exc.tls_failed and plan.mode == "opportunistic"):
+                raise
+            log.info(
+                "mta: %s: opportunistic TLS failed, downgrading to plain (%s)",
+                target.describe(),
+                exc,
+            )
+        return await self._open(target, route, False)
+
+    async def _open(self, target: _Target, route: RelayRoute, starttls: bool) -> ClientSession:
+        plan = target.plan
+        config = ClientConfig(
+            helo=route.helo or self.settings.helo,
+            lmtp=target.lmtp,
+            want_starttls=starttls,
+            require_tls=plan.mode == "starttls",
+            implicit_tls=plan.mode == "smtps",
+            auth=None if target.lmtp else route.auth,
+        )
+        context = self._tls_context(plan.verify, route.client_cert) if plan.mode != "none" else None
+        scheme = (
+            "lmtp"
+            if target.lmtp
+            else {"smtps": "smtps", "starttls": "smtp+tls"}.get(plan.mode, "smtp")
+        )
+        log.info(
+            "mta connecting address=%s://%s:%d host=%s",
+            scheme,
+            target.address,
+            target.port,
+            target.name,
+        )
+        try:
+            session = await ClientSession.open_tcp(
+                target.address,
+                target.port,
+                config,
+                connect_timeout=self.settings.connect_timeout,
+                timeout=self.settings.command_timeout,
+                ssl_context=context if plan.mode == "smtps" else None,
+                server_hostname=target.name,
+                local_address=route.source,
+            )
+        except TimeoutError:
+            raise HandshakeError(
+                f"connection timed out after {self.settings.connect_timeout:g}s",
+                tls_failed=False,
+            ) from None
+        except ssl.SSLError as exc:
+            raise HandshakeError(f"TLS handshake failed: {exc}") from None
+        except OSError as exc:
+            raise HandshakeError(f"connection failed: {exc.strerror or exc}") from None
+        ready = await session.handshake(context if starttls else None, target.name)
+        log.info(
+            "mta connected address=%s:%d tls=%s esmtp=%s",
+            target.address,
+            target.port,
+            "yes" if ready.tls else "no",
+            "yes" if ready.esmtp else "no",
+        )
+        return session
+
+    def _tls_context(self, verify: bool, client_cert: tuple[str, str] | None) -> ssl.SSLContext:
+        key = (verify, client_cert)
+        context = self._contexts.get(key)
+        if context is None:
+            if verify:
+                context = ssl.create_default_context(cafile=self.settings.ca_file)
+            else:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if client_cert is not None:
+                context.load_cert_chain(*client_cert)
+            self._contexts[key] = context
+        return context
+
+    def _take_idle(self, key: _PoolKey) -> ClientSession | None:
+        entries = self._idle.get(key)
+        while entries:
+            entry = entries.pop()
+            if entry.timer is not None:
+                entry.timer.cancel()
+            if entry.session.usable:
+                return entry.session
+            entry.session.abort()
+        self._idle.pop(key, None)
+        return None
+
+    def _put_idle(self, key: _PoolKey, session: ClientSession) -> None:
+        entry = _Idle(session)
+        entry.timer = asyncio.get_running_loop().call_later(
+            self.settings.keepalive, self._expire, key, entry
+        )
+        self._idle.setdefault(key, []).append(entry)
+
+    def _expire(self, key: _PoolKey, entry: _Idle) -> None:
+        entries = self._idle.get(key, [])
+        if entry in entries:
+            entries.remove(entry)
+            if not entries:
+                self._idle.pop(key, None)
+            self._spawn(entry.session.quit())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
