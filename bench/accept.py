@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import shutil
 import signal
@@ -123,9 +124,12 @@ class PigeonServer(Server):
 
     def start(self) -> None:
         conf = self.dir / "smtpd.conf"
+        users = self.dir / "users"
+        users.write_text(f"bench {os.getuid()}:{os.getgid()}:{self.dir}/bench\n")
         conf.write_text(
+            f"table users file:{users}\n"
             f"listen on 127.0.0.1 port {self.port}\n"
-            f'action "local" maildir "{self.dir}/mail"\n'
+            'action "local" maildir userbase <users>\n'
             'match from any for local action "local"\n'
         )
         self.proc = subprocess.Popen(

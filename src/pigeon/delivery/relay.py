@@ -333,6 +333,12 @@ class ClientSession:
                 report.body_sent = True
             elif isinstance(event, DeliveryResult):
                 report.replies[event.index] = event.reply
+            elif isinstance(event, MailRejected) and event.reply.code == 421:
+                # The server is closing the session (often a kept one it timed out): nothing
+                # was decided, so the caller may try again on a fresh connection.
+                self.abort()
+                report.failure = f"server closed the session: {reply_line(event.reply)}"
+                return report
             elif isinstance(event, MailRejected):
                 report.answered = True
                 for index in range(len(txn.recipients)):
@@ -436,6 +442,16 @@ class _Idle:
     timer: asyncio.TimerHandle | None = None
 
 
+@dataclass
+class _Job:
+    """One deliver() call: what every destination of it shares."""
+
+    route: RelayRoute
+    sender: str
+    body: bytes
+    dsn_relayed: set[int] | None
+
+
 _PoolKey = tuple[Any, ...]
 
 
@@ -465,9 +481,14 @@ class RelayAgent:
         body: bytes,
         *,
         sender: str | None = None,
+        dsn_relayed: set[int] | None = None,
     ) -> dict[int, Outcome]:
         """Delivers one message to the envelopes' destinations. ``sender`` overrides the
-        envelope sender (e.g. SRS), else ``route.mail_from`` does, else the envelopes' own."""
+        envelope sender (e.g. SRS), else ``route.mail_from`` does, else the envelopes' own.
+
+        ``dsn_relayed``, if given, receives the evpids delivered to a next hop that advertised
+        DSN: their NOTIFY went on with them, so no local "relayed" notice is due (RFC 3461 6.2).
+        """
         if not envelopes:
             return {}
         if sender is None:
@@ -485,16 +506,14 @@ class RelayAgent:
                 plan = tls_plan(None, route.tls)
         except ValueError as exc:
             return _every(envelopes, Outcome.tempfail(f"relay configuration error: {exc}"))
+        job = _Job(route, sender, body, dsn_relayed)
         if url is not None:
-            return await self._deliver_smarthost(url, plan, route, sender, envelopes, body)
+            return await self._deliver_smarthost(url, plan, job, envelopes)
         by_domain: dict[str, list[Envelope]] = {}
         for env in envelopes:
             by_domain.setdefault(env.dest.rpartition("@")[2].lower(), []).append(env)
         results = await asyncio.gather(
-            *(
-                self._deliver_domain(domain, plan, route, sender, group, body)
-                for domain, group in by_domain.items()
-            )
+            *(self._deliver_domain(domain, plan, job, group) for domain, group in by_domain.items())
         )
         merged: dict[int, Outcome] = {}
         for result in results:
@@ -522,18 +541,16 @@ class RelayAgent:
         self,
         domain: str,
         plan: TLSPlan,
-        route: RelayRoute,
-        sender: str,
+        job: _Job,
         envelopes: Sequence[Envelope],
-        body: bytes,
     ) -> dict[int, Outcome]:
         try:
             hosts = await self._resolver.mx_hosts(domain)
         except SMTPError as err:
             log.info("mta: %s: %s", domain, err.line())
             return _every(envelopes, _outcome_for_error(err))
-        if route.backup:
-            hosts = self._better_than_us(hosts, route.backup_mx or self.settings.helo)
+        if job.route.backup:
+            hosts = self._better_than_us(hosts, job.route.backup_mx or self.settings.helo)
             if not hosts:
                 return _every(
                     envelopes, Outcome.tempfail("No MX better than this backup MX for domain")
@@ -543,7 +560,7 @@ class RelayAgent:
             for host in hosts
             for address in host.addresses
         ]
-        return await self._deliver_targets(targets, route, sender, envelopes, body)
+        return await self._deliver_targets(targets, job, envelopes)
 
     @staticmethod
     def _better_than_us(hosts: list[MXHost], our_name: str) -> list[MXHost]:
@@ -557,10 +574,8 @@ class RelayAgent:
         self,
         url: RelayURL,
         plan: TLSPlan,
-        route: RelayRoute,
-        sender: str,
+        job: _Job,
         envelopes: Sequence[Envelope],
-        body: bytes,
     ) -> dict[int, Outcome]:
         try:
             addresses = await self._resolver.addresses(url.host)
@@ -572,20 +587,18 @@ class RelayAgent:
             _Target(url.host, address, url.port, url.scheme == "lmtp", plan)
             for address in addresses
         ]
-        return await self._deliver_targets(targets, route, sender, envelopes, body)
+        return await self._deliver_targets(targets, job, envelopes)
 
     async def _deliver_targets(
         self,
         targets: list[_Target],
-        route: RelayRoute,
-        sender: str,
+        job: _Job,
         envelopes: Sequence[Envelope],
-        body: bytes,
     ) -> dict[int, Outcome]:
         errors: list[str] = []
         for target in targets[:_MAX_ADDRESSES]:
             async with self._limit(target):
-                result = await self._deliver_via(target, route, sender, envelopes, body, errors)
+                result = await self._deliver_via(target, job, envelopes, errors)
             if result is not None:
                 return result
         detail = f" ({errors[-1]})" if errors else ""
@@ -601,25 +614,23 @@ class RelayAgent:
     async def _deliver_via(
         self,
         target: _Target,
-        route: RelayRoute,
-        sender: str,
+        job: _Job,
         envelopes: Sequence[Envelope],
-        body: bytes,
         errors: list[str],
     ) -> dict[int, Outcome] | None:
         """One host: the outcomes, or None (and the reason in ``errors``) to try the next."""
-        key = self._pool_key(target, route)
+        key = self._pool_key(target, job.route)
         session = self._take_idle(key)
         reused = session is not None
         for _ in range(2):  # a kept session the server dropped meanwhile: once more, fresh
             if session is None:
                 try:
-                    session = await self._connect(target, route)
+                    session = await self._connect(target, job.route)
                 except HandshakeError as exc:
                     log.info("mta: %s: %s", target.describe(), exc)
                     errors.append(f"{target.describe()}: {exc}")
                     return None
-            outcomes, report = await self._transact(session, sender, envelopes, body)
+            outcomes, report = await self._transact(session, job, envelopes)
             if report.untouched and reused:
                 log.debug("mta: kept session to %s was lost, reconnecting", target.describe())
                 session, reused = None, False
@@ -644,7 +655,7 @@ class RelayAgent:
             self._spawn(session.quit())
 
     async def _transact(
-        self, session: ClientSession, sender: str, envelopes: Sequence[Envelope], body: bytes
+        self, session: ClientSession, job: _Job, envelopes: Sequence[Envelope]
     ) -> tuple[dict[int, Outcome], TransactionReport]:
         outcomes: dict[int, Outcome] = {}
         sendable = []
@@ -655,17 +666,19 @@ class RelayAgent:
                 outcomes[env.evpid] = Outcome.permfail(f"invalid recipient address: {env.dest!r}")
         if not sendable:
             return outcomes, TransactionReport()
-        addresses = [sender, *(env.dest for env in sendable)]
+        addresses = [job.sender, *(env.dest for env in sendable)]
         txn = Transaction(
-            sender=sender,
+            sender=job.sender,
             recipients=[RecipientSpec(env.dest, rcpt_params(env)) for env in sendable],
-            mail_params=mail_params(sendable[0], body, addresses, session.extensions),
+            mail_params=mail_params(sendable[0], job.body, addresses, session.extensions),
         )
-        report = await session.transact(txn, body)
+        report = await session.transact(txn, job.body)
         undecided = Outcome.tempfail(report.failure or "no reply for this recipient")
         for index, env in enumerate(sendable):
             reply = report.replies.get(index)
-            outcomes[env.evpid] = outcome_for(reply) if reply is not None else undecided
+            outcomes[env.evpid] = outcome = outcome_for(reply) if reply else undecided
+            if job.dsn_relayed is not None and outcome.status == "ok" and session.extensions.dsn:
+                job.dsn_relayed.add(env.evpid)
         return outcomes, report
 
     # ---- sessions

@@ -852,7 +852,64 @@ class ServerConnection:
     # -- DATA -----------------------------------------------------------------------------
 
     def _step_data(self) -> bool:
-        """Consume every complete line buffered; queue one DataChunk and maybe the end."""
+        """Consume every complete line buffered; queue one DataChunk and maybe the end.
+
+        The fast path works on whole blocks with C-level byte operations (count, find,
+        replace); the line-by-line path handles the rare recovery from an over-long line.
+        """
+        ds = self._data
+        if ds.skipping:
+            return self._step_data_lines()
+        buf = self._buf
+        limit = self.config.max_line_length
+        if ds.prev_crlf and buf.startswith(b".\r\n"):
+            block, consumed, finished = b"", 3, True
+        else:
+            term = buf.find(b"\r\n.\r\n")
+            if term >= 0:
+                block, consumed, finished = bytes(buf[: term + 2]), term + 5, True
+            else:
+                lf = buf.rfind(b"\n")
+                if lf < 0:
+                    if len(buf) >= limit:  # cannot fit any more, whatever follows
+                        return self._step_data_lines()
+                    return False
+                block, consumed, finished = bytes(buf[: lf + 1]), lf + 1, False
+                if len(buf) - consumed >= limit:
+                    return self._step_data_lines()
+        if block:
+            self._data_block(ds, block, limit)
+            ds.prev_crlf = block.endswith(CRLF)
+        del buf[:consumed]
+        if finished:
+            self._finish_data(ds)
+        return True
+
+    def _data_block(self, ds: _DataState, block: bytes, limit: int) -> None:
+        """Check and unstuff complete lines (the end-of-data line excluded)."""
+        if ds.error is not None:
+            return
+        crlf = block.count(CRLF)
+        if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+            self._data_error(ds, R_BARE_CR_LF, "bare CR or LF in data")
+            return
+        if len(block) > limit and max(map(len, block.split(b"\n"))) + 1 > limit:
+            self._data_error(ds, R_LINE_TOO_LONG, "line too long")
+            return
+        if b"\x00" in block:
+            self._data_error(ds, R_NUL, "NUL character in data")
+            return
+        data = block.replace(b"\r\n.", CRLF)
+        if ds.prev_crlf and data.startswith(b"."):
+            data = data[1:]
+        if ds.size + len(data) > self.config.max_message_size:
+            self._data_error(ds, R_TOO_BIG, "message too big")
+            return
+        ds.size += len(data)
+        self._events.append(DataChunk(data))
+
+    def _step_data_lines(self) -> bool:
+        """Line by line: used while skipping the rest of an over-long line."""
         buf = self._buf
         ds = self._data
         limit = self.config.max_line_length

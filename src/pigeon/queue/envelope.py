@@ -8,7 +8,7 @@ action: the action is looked up again at each attempt, so a config change applie
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # DSN NOTIFY bitmask, as OpenSMTPD stores it.
@@ -105,12 +105,14 @@ class Envelope:
         return msgid_of(self.evpid)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Hand-written instead of dataclasses.asdict: that deep-copies, and this is hot.
+        out = {name: getattr(self, name) for name in _FIELD_NAMES}
+        out["flags"] = list(self.flags)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Envelope:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _FIELD_SET})
 
     def render(self) -> str:
         """``key: value`` lines in OpenSMTPD's field order, empty fields omitted."""
@@ -150,3 +152,7 @@ class Envelope:
         if self.type == "bounce":
             order += [("bounce-type", self.bounce_type)]
         return "".join(f"{k}: {v}\n" for k, v in order if v != "")
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Envelope))
+_FIELD_SET = frozenset(_FIELD_NAMES)

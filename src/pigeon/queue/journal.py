@@ -209,7 +209,10 @@ class JournalStore:
         return data
 
     def reserve_msgid(self) -> int:
-        msgid = new_msgid(self._reserved | self.messages.keys())
+        while True:
+            msgid = new_msgid()
+            if msgid not in self._reserved and msgid not in self.messages:
+                break
         self._reserved.add(msgid)
         return msgid
 

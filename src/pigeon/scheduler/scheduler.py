@@ -92,7 +92,9 @@ class Scheduler:
         self.inflight: set[int] = set()
         self.suspended: set[int] = set()
         self.paused: set[str] = set()  # "mda", "mta"
+        self._held: list[tuple[float, int]] = []  # due while paused or suspended
         self._wake = asyncio.Event()
+        self._sleep_until = 0.0  # when the run loop next looks by itself (0: not sleeping)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
 
@@ -104,7 +106,8 @@ class Scheduler:
         self._due[env.evpid] = at
         heapq.heappush(self._heap, (at, env.evpid))
         heapq.heappush(self._expiry_heap, (policy.expiry(env, self.queue_ttl), env.evpid))
-        self._wake.set()
+        if at < self._sleep_until and env.type not in self.paused:
+            self._wake.set()  # earlier than the loop planned to look again
 
     def remove(self, evpid: int) -> None:
         self._envelopes.pop(evpid, None)
@@ -131,6 +134,9 @@ class Scheduler:
 
     def resume(self, kind: str) -> None:
         self.paused.discard(kind)
+        held, self._held = self._held, []
+        for item in held:
+            heapq.heappush(self._heap, item)
         self._wake.set()
 
     def retried(self, env: Envelope) -> None:
@@ -148,7 +154,6 @@ class Scheduler:
 
     def _pop_due(self, now: float) -> list[Envelope]:
         out: list[Envelope] = []
-        skipped: list[tuple[float, int]] = []
         while self._heap and self._heap[0][0] <= now:
             if len(self.inflight) + len(out) >= self.max_inflight:
                 break
@@ -157,11 +162,10 @@ class Scheduler:
                 continue  # stale heap entry
             env = self._envelopes[evpid]
             if evpid in self.suspended or env.type in self.paused:
-                skipped.append((at, evpid))
+                # Held aside (not re-queued) so a paused agent costs nothing per wake-up.
+                self._held.append((at, evpid))
                 continue
             out.append(env)
-        for item in skipped:
-            heapq.heappush(self._heap, item)
         return out
 
     def _expired(self, now: float) -> list[Envelope]:
@@ -222,20 +226,23 @@ class Scheduler:
         return task
 
     async def run(self) -> None:
-        """Main loop: wake at the next due time or when something changes."""
+        """Main loop: wake at the next due time or when something earlier arrives."""
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
         while not self._stopping:
             self._wake.clear()
             await self.run_due()
             wake_at = self.next_wakeup()
-            timeout = None if wake_at is None else max(0.0, wake_at - self.clock.now())
-            if timeout is not None:
-                timeout = min(timeout, 60.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            if timeout == 0.0:
-                # Nothing could start (inflight cap or paused): avoid spinning.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.05)
+            now = self.clock.now()
+            if wake_at is not None and wake_at <= now:
+                # Due but held back by the in-flight cap: a finishing attempt wakes us.
+                wake_at = now + 1.0
+            delay = 60.0 if wake_at is None else min(60.0, wake_at - now)
+            self._sleep_until = now + delay
+            timer = loop.call_later(delay, self._wake.set)
+            await self._wake.wait()
+            timer.cancel()
+        self._sleep_until = 0.0
 
     async def stop(self) -> None:
         self._stopping = True
