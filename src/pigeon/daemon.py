@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pigeon.config.expand import FormatContext, FormatError, expand_format
-from pigeon.config.model import Action, Config
+from pigeon.config.model import Action, Config, TableRef
 from pigeon.control.server import ControlServer
+from pigeon.delivery.dns import DNSSettings, MXResolver
+from pigeon.delivery.lmtp import deliver_lmtp
 from pigeon.delivery.local import LocalTarget, LocalUser
 from pigeon.delivery.local import deliver as deliver_local
+from pigeon.delivery.relay import RelayAgent, RelaySettings
+from pigeon.delivery.routes import RelayRoute, parse_credentials, parse_relay_url, route_for
 from pigeon.errors import SMTPError
 from pigeon.queue import bounce
 from pigeon.queue.envelope import (
@@ -32,12 +36,15 @@ from pigeon.rules.expand import Expander
 from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.scheduler import policy
 from pigeon.scheduler.scheduler import Clock, Outcome, Scheduler
+from pigeon.server.auth import CredentialsChecker
 from pigeon.server.listener import ListenerRuntime, bound_ports, resolve_interface, start_listener
 from pigeon.server.services import Services
-from pigeon.tables.base import open_tables
+from pigeon.server.tls import server_context
+from pigeon.tables.base import Service, Table, TableError, TableResolver, open_tables
 
 log = logging.getLogger("pigeon")
 mda_log = logging.getLogger("pigeon.mda")
+mta_log = logging.getLogger("pigeon.mta")
 
 SWEEP_INTERVAL = 5.0
 SESSION_TIMEOUT = 300.0
@@ -50,6 +57,8 @@ class DaemonOptions:
     paused: frozenset[str] = frozenset()  # "mda", "mta", "smtp" paused at start
     clock: Clock | None = None
     session_timeout: float = SESSION_TIMEOUT
+    dns: DNSSettings | None = None  # None: the system resolver (/etc/resolv.conf)
+    mx_port: int = 25  # port used toward MX hosts (tests aim it at loopback sinks)
 
 
 def _format_delay(seconds: float) -> str:
@@ -71,6 +80,15 @@ class Daemon:
         self.tables = open_tables(config)
         self.ruleset = Ruleset(config, self.tables, local_names=self._local_names())
         self.expander = Expander(config, self.tables, self.ruleset)
+        self.resolver = TableResolver(config, self.tables)
+        self.relay = RelayAgent(
+            RelaySettings(helo=self.hostname, mx_port=options.mx_port),
+            MXResolver(options.dns or DNSSettings()),
+        )
+        # Envelopes of one message due together are delivered in one transaction.
+        self._batches: dict[
+            tuple[int, str], list[tuple[Envelope, asyncio.Future[None] | None]]
+        ] = {}
         self.scheduler = Scheduler(
             self._dispatch,
             clock=options.clock,
@@ -111,20 +129,51 @@ class Daemon:
                 continue
             port = lst.port if lst.port is not None else (465 if lst.smtps else 25)
             hosts = resolve_interface(lst.interface, lst.family)
-            out.append(
-                ListenerRuntime(
-                    hostname=lst.hostname or self.hostname,
-                    addresses=[(h, port) for h in hosts],
-                    tag=lst.tag,
-                    mask_src=lst.mask_src,
-                    received_auth=lst.received_auth,
-                    dsn=not lst.no_dsn,
-                    max_message_size=smtp.max_message_size,
-                    max_rcpt=smtp.max_rcpt,
-                    max_mails=smtp.max_mails,
-                )
+            hostname = lst.hostname or self.hostname
+            runtime = ListenerRuntime(
+                hostname=hostname,
+                addresses=[(h, port) for h in hosts],
+                tag=lst.tag,
+                smtps=lst.smtps,
+                tls_required=lst.tls_require,
+                mask_src=lst.mask_src,
+                received_auth=lst.received_auth,
+                dsn=not lst.no_dsn,
+                max_message_size=smtp.max_message_size,
+                max_rcpt=smtp.max_rcpt,
+                max_mails=smtp.max_mails,
             )
+            if lst.tls or lst.tls_require or lst.smtps:
+                names = list(lst.pki) or ([hostname] if hostname in self.config.pkis else [])
+                runtime.ssl_context = server_context(
+                    [self.config.pkis[n] for n in names],
+                    ca=self.config.cas.get(lst.ca) if lst.ca else None,
+                    verify=lst.verify,
+                    ciphers=lst.ciphers or smtp.ciphers,
+                    protocols=lst.protocols,
+                )
+            if lst.auth or lst.auth_optional:
+                runtime.auth_mechanisms = ("PLAIN", "LOGIN")
+                runtime.auth_required = lst.auth
+                runtime.authenticator = self._authenticator(lst.auth_table)
+            out.append(runtime)
         return out
+
+    def _authenticator(self, ref: TableRef | None) -> CredentialsChecker:
+        if ref is None:
+            return CredentialsChecker()  # system users
+        table = self.resolver.get(ref)
+
+        async def lookup(service: str, key: str) -> str | None:
+            return await table.lookup(Service(service), key)
+
+        if Service.AUTH in table.services():
+
+            async def auth_check(credentials: str) -> bool:
+                return await table.check(Service.AUTH, credentials)
+
+            return CredentialsChecker(lookup, auth_check=auth_check)
+        return CredentialsChecker(lookup)
 
     async def start(self) -> None:
         self.store.open()
@@ -162,6 +211,7 @@ class Daemon:
                 session.transport.close()
         await self.control.stop()
         await self.scheduler.stop()
+        await self.relay.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -197,19 +247,111 @@ class Daemon:
     async def _dispatch(self, env: Envelope) -> None:
         action = self.config.actions.get(env.dispatcher)
         if action is None:
-            outcome = Outcome.tempfail(f"no such dispatcher: {env.dispatcher}")
-        elif action.method == "relay" or action.method == "lmtp":
-            outcome = Outcome.tempfail(
-                f"{action.method} delivery is not available in this version of Pigeon"
+            await self._record_outcome(
+                env, Outcome.tempfail(f"no such dispatcher: {env.dispatcher}")
             )
+            return
+        if action.method in ("relay", "lmtp"):
+            await self._dispatch_batch(env, action)
+            return
+        try:
+            body = self.store.read_body(env.msgid)
+        except QueueError as exc:
+            outcome = Outcome.tempfail(str(exc))
         else:
-            try:
-                body = self.store.read_body(env.msgid)
-            except QueueError as exc:
-                outcome = Outcome.tempfail(str(exc))
-            else:
-                outcome = await self._deliver_local(env, action, body)
+            outcome = await self._deliver_local(env, action, body)
         await self._record_outcome(env, outcome)
+
+    async def _dispatch_batch(self, env: Envelope, action: Action) -> None:
+        """Relay and LMTP: every envelope of a message that is due now, in one transaction."""
+        key = (env.msgid, env.dispatcher)
+        batch = self._batches.get(key)
+        if batch is not None:  # a sibling is collecting this tick's envelopes: join it
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            batch.append((env, done))
+            await done
+            return
+        batch = [(env, None)]
+        self._batches[key] = batch
+        await asyncio.sleep(0)  # the scheduler started its siblings in the same tick
+        del self._batches[key]
+        envelopes = [e for e, _ in batch]
+        try:
+            outcomes = await self._deliver_remote(envelopes, action)
+        except Exception as exc:  # never leave siblings waiting
+            log.exception("warn: %s delivery failed unexpectedly", action.method)
+            outcomes = {e.evpid: Outcome.tempfail(f"internal error: {exc}") for e in envelopes}
+        for e, fut in batch:
+            outcome = outcomes.get(e.evpid) or Outcome.tempfail("no result from delivery agent")
+            await self._record_outcome(e, outcome)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def _deliver_remote(
+        self, envelopes: list[Envelope], action: Action
+    ) -> dict[int, Outcome]:
+        try:
+            body = self.store.read_body(envelopes[0].msgid)
+        except QueueError as exc:
+            return {e.evpid: Outcome.tempfail(str(exc)) for e in envelopes}
+        if action.method == "lmtp":
+            users = {e.evpid: (e.mda_user or e.dest.rpartition("@")[0]) for e in envelopes}
+            return await deliver_lmtp(
+                action.lmtp_dest or "",
+                envelopes,
+                body,
+                rcpt_to=action.lmtp_rcpt_to,
+                users=users,
+                helo=self.hostname,
+            )
+        try:
+            route = await self.relay_route(action)
+        except SMTPError as err:
+            return {e.evpid: Outcome.tempfail(err.line()) for e in envelopes}
+        return await self.relay.deliver(route, envelopes, body)
+
+    async def relay_route(self, action: Action) -> RelayRoute:
+        """The action's relay options, with its tables looked up."""
+        smarthost = None
+        credentials = None
+        try:
+            if action.host is not None:
+                smarthost = await self._first_value(self.resolver.get(action.host))
+            if action.auth is not None and smarthost is not None:
+                label = parse_relay_url(smarthost).label
+                if label:
+                    value = await self.resolver.get(action.auth).lookup(Service.CREDENTIALS, label)
+                    if value is None:
+                        raise SMTPError(451, "4.7.0", f"no credentials for label {label}")
+                    credentials = parse_credentials(value)
+            source = None
+            if action.src is not None:
+                source = await self._first_value(self.resolver.get(action.src))
+        except TableError as exc:
+            raise SMTPError(451, "4.3.0", f"table lookup failed: {exc}") from exc
+        except ValueError as exc:
+            raise SMTPError(451, "4.3.0", f"bad relay setting: {exc}") from exc
+        client_cert = None
+        if action.pki is not None and action.pki in self.config.pkis:
+            pki = self.config.pkis[action.pki]
+            if pki.cert and pki.key:
+                client_cert = (pki.cert, pki.key)
+        return route_for(
+            action,
+            smarthost=smarthost,
+            credentials=credentials,
+            source=source,
+            client_cert=client_cert,
+        )
+
+    @staticmethod
+    async def _first_value(table: Table) -> str | None:
+        for service in (Service.RELAYHOST, Service.SOURCE, Service.STRING):
+            if service in table.services():
+                value = await table.fetch(service)
+                if value is not None:
+                    return value
+        return None
 
     async def _deliver_local(self, env: Envelope, action: Action, body: bytes) -> Outcome:
         try:
@@ -262,18 +404,32 @@ class Daemon:
             outcome.status
         ]
         rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
-        mda_log.info(
-            "%s mda delivery evpid=%s from=<%s> to=<%s> rcpt=%s user=%s delay=%s result=%s stat=%s",
-            secrets.token_hex(8),
-            evpid_hex(env.evpid),
-            env.sender,
-            env.dest,
-            rcpt,
-            env.mda_user or env.dest.rpartition("@")[0],
-            delay,
-            result,
-            outcome.line,
-        )
+        if env.type == "mta":
+            mta_log.info(
+                '%s mta delivery evpid=%s from=<%s> to=<%s> rcpt=%s delay=%s result="%s" stat="%s"',
+                secrets.token_hex(8),
+                evpid_hex(env.evpid),
+                env.sender,
+                env.dest,
+                rcpt,
+                delay,
+                result,
+                outcome.line,
+            )
+        else:
+            mda_log.info(
+                "%s mda delivery evpid=%s from=<%s> to=<%s> rcpt=%s user=%s delay=%s "
+                "result=%s stat=%s",
+                secrets.token_hex(8),
+                evpid_hex(env.evpid),
+                env.sender,
+                env.dest,
+                rcpt,
+                env.mda_user or env.dest.rpartition("@")[0],
+                delay,
+                result,
+                outcome.line,
+            )
         stats = self.services.stats
         if outcome.status == "ok":
             stats.incr("scheduler.delivery.ok")

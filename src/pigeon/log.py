@@ -10,6 +10,12 @@ from pathlib import Path
 
 
 def setup_logging(*, foreground: bool, verbose: bool, spool: Path | None = None) -> None:
+    # Every message logs several lines: skip what our format never prints (caller frame
+    # lookup, thread and process names) to keep each line cheap.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger("pigeon")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -22,7 +28,7 @@ def setup_logging(*, foreground: bool, verbose: bool, spool: Path | None = None)
         handler = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
         )
-        handler.setFormatter(logging.Formatter("pigeon[%(process)d]: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"pigeon[{os.getpid()}]: %(message)s"))
     else:
         target = (spool or Path(".")) / "pigeon.log"
         handler = logging.FileHandler(target)

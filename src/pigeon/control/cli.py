@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["mda", "mta", "smtp"],
         help="start with this subsystem paused",
     )
+    p.add_argument(
+        "--resolver",
+        action="append",
+        metavar="ADDRESS[:PORT]",
+        help="DNS server for MX lookups (default: /etc/resolv.conf)",
+    )
+    p.add_argument("--mx-port", type=int, default=25, help="port used toward MX hosts")
     spool_opt(p)
 
     for verb in CONTROL_VERBS:
@@ -126,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pigeon.daemon import Daemon, DaemonOptions
     from pigeon.log import setup_logging
     from pigeon.queue.journal import QueueLocked
+    from pigeon.server.tls import TLSConfigError
 
     try:
         config = _load(args.file, _macros(args.macros))
@@ -140,10 +148,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.foreground:
         _daemonize()
     setup_logging(foreground=args.foreground, verbose=args.verbose, spool=spool)
-    options = DaemonOptions(spool=spool, paused=frozenset(args.paused or ()))
+    options = DaemonOptions(
+        spool=spool,
+        paused=frozenset(args.paused or ()),
+        dns=_dns_settings(args.resolver),
+        mx_port=args.mx_port,
+    )
 
     async def main() -> int:
-        daemon = Daemon(config, options)
+        try:
+            daemon = Daemon(config, options)
+        except TLSConfigError as exc:
+            print(f"pigeon: {exc}", file=sys.stderr)
+            return 1
         try:
             await daemon.start()
         except QueueLocked as exc:
@@ -157,6 +174,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     return _run_loop(main())
+
+
+def _dns_settings(resolvers: list[str] | None) -> Any:
+    from pigeon.delivery.dns import DNSSettings
+
+    if not resolvers:
+        return None
+    port = 53
+    servers = []
+    for item in resolvers:
+        host, sep, port_text = item.rpartition(":")
+        if sep and port_text.isdigit() and ("." in host or host.startswith("[")):
+            port = int(port_text)
+            item = host.strip("[]")
+        servers.append(item)
+    return DNSSettings(nameservers=servers, port=port)
 
 
 def _run_loop(coro: Any) -> int:

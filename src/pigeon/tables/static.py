@@ -4,6 +4,7 @@ each service, as OpenSMTPD's static backend applies them."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import pwd
 import re
@@ -16,10 +17,17 @@ from pigeon.tables.file import TableFileError, load_table_file
 ALL_SERVICES = frozenset(Service) - {Service.AUTH}
 
 
+@functools.lru_cache(maxsize=4096)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    regex = "".join(".*" if c == "*" else re.escape(c) for c in pattern.lower())
+    return re.compile(regex, re.DOTALL)
+
+
 def domain_match(name: str, pattern: str) -> bool:
     """Case-insensitive match where ``*`` stands for any run of characters."""
-    regex = "".join(".*" if c == "*" else re.escape(c) for c in pattern.lower())
-    return re.fullmatch(regex, name.lower(), re.DOTALL) is not None
+    if "*" not in pattern:
+        return name.lower() == pattern.lower()
+    return _glob_regex(pattern).fullmatch(name.lower()) is not None
 
 
 def _strip_brackets(text: str) -> str:

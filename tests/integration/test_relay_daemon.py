@@ -1,0 +1,164 @@
+"""Mail relayed by a running daemon: smarthost, MX lookup on a loopback DNS server,
+one transaction per message, remote refusals bounced to the sender."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope as AioEnvelope
+from aiosmtpd.smtp import Session as AioSession
+from dnsserver import DNSTestServer
+from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+
+
+@dataclass
+class Received:
+    sender: str
+    rcpts: list[str]
+    data: bytes
+
+
+@dataclass
+class SinkHandler:
+    """Accepts everything except recipients starting with ``reject``."""
+
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(
+        self,
+        server: AioSMTP,
+        session: AioSession,
+        envelope: AioEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address.startswith("reject"):
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
+        with self.lock:
+            self.messages.append(
+                Received(
+                    str(envelope.mail_from),
+                    list(envelope.rcpt_tos),
+                    bytes(envelope.original_content or b""),
+                )
+            )
+        return "250 2.0.0 Ok queued"
+
+
+class Site:
+    def __init__(self, dns: DNSTestServer) -> None:
+        self.handler = SinkHandler()
+        self.sink_port = free_port()
+        self.sink = Controller(self.handler, hostname="127.0.0.1", port=self.sink_port)
+        self.sink.start()
+        dns.add_mx("mx-routed.test", 10, "mx1.mx-routed.test")
+        dns.add_a("mx1.mx-routed.test", "127.0.0.1")
+        self.work = Workdir()
+        self.mail = self.work.mailroot()
+        uid, gid = mail_uid_gid()
+        users = self.work.path / "users"
+        users.write_text(f"alice {uid}:{gid}:{self.mail / 'alice'}\n")
+        self.port = free_port()
+        config = f"""table users file:{users}
+listen on 127.0.0.1 port {self.port} hostname mx.local.test
+action "local" maildir userbase <users>
+action "smarthost" relay host smtp+notls://127.0.0.1:{self.sink_port} helo relay.local.test
+action "mx" relay
+match from any for domain "mx.local.test" action "local"
+match from local for domain "smarthost.test" action "smarthost"
+match from local for domain "mx-routed.test" action "mx"
+"""
+        self.daemon = PigeonDaemon(
+            self.work.path,
+            config,
+            port=self.port,
+            extra=["--resolver", f"127.0.0.1:{dns.port}", "--mx-port", str(self.sink_port)],
+        )
+
+    def received(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.messages)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    with DNSTestServer() as dns:
+        s = Site(dns)
+        s.daemon.start()
+        try:
+            yield s
+        finally:
+            s.daemon.stop()
+            s.sink.stop()
+            s.work.cleanup()
+
+
+def send(site: Site, sender: str, rcpts: list[str], subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10) as client:
+        client.sendmail(sender, rcpts, f"Subject: {subject}\r\n\r\nbody\r\n")
+
+
+def find(site: Site, subject: str) -> list[Received]:
+    return [m for m in site.received() if f"Subject: {subject}".encode() in m.data]
+
+
+def test_smarthost_gets_all_recipients_in_one_transaction(site: Site) -> None:
+    send(site, "alice@mx.local.test", ["a@smarthost.test", "b@smarthost.test"], "two rcpts")
+    wait_for(lambda: find(site, "two rcpts"), what="the sink to receive it")
+    got = find(site, "two rcpts")
+    assert len(got) == 1
+    assert sorted(got[0].rcpts) == ["a@smarthost.test", "b@smarthost.test"]
+    assert got[0].sender == "alice@mx.local.test"
+    assert b"Received: from " in got[0].data
+    site.daemon.wait_queue_empty()
+    assert "mta delivery evpid=" in site.daemon.log()
+
+
+def test_mx_lookup_through_the_configured_resolver(site: Site) -> None:
+    send(site, "alice@mx.local.test", ["carol@mx-routed.test"], "via mx")
+    wait_for(lambda: find(site, "via mx"), what="delivery to the MX")
+    assert find(site, "via mx")[0].rcpts == ["carol@mx-routed.test"]
+
+
+def test_remote_refusal_bounces_to_sender(site: Site) -> None:
+    send(site, "alice@mx.local.test", ["reject@smarthost.test", "ok@smarthost.test"], "mixed")
+    wait_for(lambda: find(site, "mixed"), what="the accepted recipient")
+    assert find(site, "mixed")[0].rcpts == ["ok@smarthost.test"]
+
+    def bounce() -> bytes | None:
+        for m in maildir_messages(site.mail / "alice" / "Maildir"):
+            if b"reject@smarthost.test" in m and b"multipart/report" in m:
+                return m
+        return None
+
+    wait_for(lambda: bounce() is not None, what="the bounce")
+    raw = bounce()
+    assert raw is not None
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    text = raw.decode()
+    assert "Status: 5.1.1" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user here" in text
+    assert "ok@smarthost.test" not in text.split("message/delivery-status")[1].split("--")[0]
+
+
+def test_outside_sender_cannot_relay(site: Site) -> None:
+    # 127.0.0.2 is not one of this host's addresses: not "local", so no relaying.
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+        c.ehlo("outside.example")
+        c.mail("spammer@example.org")
+        code, _ = c.rcpt("victim@smarthost.test")
+        assert code == 550
