@@ -40,6 +40,7 @@ from pigeon.server.auth import CredentialsChecker
 from pigeon.server.listener import ListenerRuntime, bound_ports, resolve_interface, start_listener
 from pigeon.server.services import Services
 from pigeon.server.tls import server_context
+from pigeon.srs import SRSContext
 from pigeon.tables.base import Service, Table, TableError, TableResolver, open_tables
 
 log = logging.getLogger("pigeon")
@@ -98,8 +99,19 @@ class Daemon:
         for kind in ("mda", "mta"):
             if kind in options.paused:
                 self.scheduler.pause(kind)
+        self.srs = (
+            SRSContext(
+                config.srs.key,
+                config.srs.backup_key,
+                config.srs.ttl,
+                postsrsd_compat=config.srs.postsrsd_compat,
+            )
+            if config.srs.key
+            else None
+        )
         self.services = Services(
             config=config,
+            srs=self.srs,
             store=self.store,
             expander=self.expander,
             accepted=self._accepted,
@@ -308,7 +320,22 @@ class Daemon:
             route = await self.relay_route(action)
         except SMTPError as err:
             return {e.evpid: Outcome.tempfail(err.line()) for e in envelopes}
-        return await self.relay.deliver(route, envelopes, body)
+        # `relay srs`: forwarded envelopes leave with a rewritten sender, so envelopes of one
+        # message may need different MAIL FROMs: one transaction per sender.
+        by_sender: dict[str, list[Envelope]] = {}
+        for e in envelopes:
+            by_sender.setdefault(self._relay_sender(e, action), []).append(e)
+        outcomes: dict[int, Outcome] = {}
+        for sender, group in by_sender.items():
+            outcomes.update(await self.relay.deliver(route, group, body, sender=sender))
+        return outcomes
+
+    def _relay_sender(self, env: Envelope, action: Action) -> str:
+        sender = action.mail_from or env.sender
+        if not (action.srs and self.srs is not None and env.sender):
+            return sender
+        # Only forwarded mail (recipient changed by alias/virtual/.forward) is rewritten.
+        return self.srs.rewrite_sender(sender, env.rcpt, env.dest, now=int(self._now()))
 
     async def relay_route(self, action: Action) -> RelayRoute:
         """The action's relay options, with its tables looked up."""

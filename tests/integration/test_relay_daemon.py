@@ -19,6 +19,9 @@ from dnsserver import DNSTestServer
 from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
 
 
+SRS_KEY = "a secret of the forwarder"
+
+
 @dataclass
 class Received:
     sender: str
@@ -71,13 +74,19 @@ class Site:
         uid, gid = mail_uid_gid()
         users = self.work.path / "users"
         users.write_text(f"alice {uid}:{gid}:{self.mail / 'alice'}\n")
+        virtuals = self.work.path / "virtuals"
+        virtuals.write_text("fwd@forward.test forwarded@smarthost.test\n")
         self.port = free_port()
-        config = f"""table users file:{users}
+        config = f"""srs key "{SRS_KEY}"
+table users file:{users}
+table virtuals file:{virtuals}
 listen on 127.0.0.1 port {self.port} hostname mx.local.test
 action "local" maildir userbase <users>
-action "smarthost" relay host smtp+notls://127.0.0.1:{self.sink_port} helo relay.local.test
+action "virtual" maildir virtual <virtuals> userbase <users>
+action "smarthost" relay host smtp+notls://127.0.0.1:{self.sink_port} helo relay.local.test srs
 action "mx" relay
 match from any for domain "mx.local.test" action "local"
+match from any for domain "forward.test" action "virtual"
 match from local for domain "smarthost.test" action "smarthost"
 match from local for domain "mx-routed.test" action "mx"
 """
@@ -162,3 +171,33 @@ def test_outside_sender_cannot_relay(site: Site) -> None:
         c.mail("spammer@example.org")
         code, _ = c.rcpt("victim@smarthost.test")
         assert code == 550
+
+
+def test_forwarded_mail_gets_srs_sender_and_its_bounce_comes_back(site: Site) -> None:
+    # An outside sender writes to a virtual address that forwards to another domain.
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+        c.sendmail("alice@mx.local.test", ["fwd@forward.test"], "Subject: forwarded\r\n\r\nx\r\n")
+    wait_for(lambda: find(site, "forwarded"), what="the forwarded copy")
+    got = find(site, "forwarded")[0]
+    assert got.rcpts == ["forwarded@smarthost.test"]
+    srs_sender = got.sender
+    assert srs_sender.startswith("SRS0=") and srs_sender.endswith("@forward.test"), srs_sender
+    assert "=mx.local.test=alice@" in srs_sender
+
+    # The next hop bounces it to the SRS address: it goes back to the original sender.
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+        c.sendmail("", [srs_sender], "Subject: bounce of forwarded\r\n\r\nfailed\r\n")
+    wait_for(
+        lambda: any(
+            b"bounce of forwarded" in m for m in maildir_messages(site.mail / "alice" / "Maildir")
+        ),
+        what="the bounce at the original sender",
+    )
+
+    # A forged SRS address (bad hash) is refused outright.
+    forged = "SRS0=AAAA" + srs_sender[9:]
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10, source_address=("127.0.0.2", 0)) as c:
+        c.ehlo("outside.example")
+        c.mail("")
+        code, text = c.rcpt(forged)
+        assert code == 550 and b"5.7.1" in text, text

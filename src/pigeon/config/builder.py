@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lark import Token, Tree
 
@@ -363,6 +363,15 @@ class Builder:
         if days == 0:
             raise self.fail(tok, f'ttl delay "{tok}" is too short')
         self.srs = replace(self.srs, ttl=days * 86400)
+
+    def _st_srs_compat(self, t: Tree[Token]) -> None:
+        # Pigeon extension: also verify addresses minted by postsrsd (docs/srs.md).
+        word, mode = cast(Token, t.children[1]), cast(Token, t.children[2])
+        if str(word) != "compat" or self.tok(word).quoted:
+            raise self.fail(word, "syntax error")
+        if str(mode) != "postsrsd":
+            raise self.fail(mode, f"unknown srs compat mode: {mode}")
+        self.srs = replace(self.srs, postsrsd_compat=True)
 
     def _st_metrics(self, t: Tree[Token]) -> None:
         word, _, _, address, _, port = t.children

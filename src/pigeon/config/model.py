@@ -242,6 +242,7 @@ class SrsOptions:
     key: str | None = None
     backup_key: str | None = None
     ttl: int = 4 * 86400
+    postsrsd_compat: bool = False  # Pigeon extension: `srs compat postsrsd`
 
 
 @dataclass(frozen=True)

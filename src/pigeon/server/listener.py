@@ -84,9 +84,7 @@ def _ipv6_available() -> bool:
         return False
 
 
-async def start_listener(
-    services: Services, runtime: ListenerRuntime
-) -> list[asyncio.Server]:
+async def start_listener(services: Services, runtime: ListenerRuntime) -> list[asyncio.Server]:
     """Bind every address of the listener; IPv6 loopback is skipped when the host lacks it."""
     from pigeon.server.session import SMTPSession
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from pigeon.queue.envelope import Envelope
 from pigeon.queue.journal import JournalStore
+from pigeon.srs import SRSContext
 
 if TYPE_CHECKING:
     from pigeon.config.model import Config
@@ -34,5 +35,6 @@ class Services:
     accepted: Callable[[list[Envelope]], None]
     stats: Stats = field(default_factory=Stats)
     sessions: set[SMTPSession] = field(default_factory=set)
+    srs: SRSContext | None = None  # set when the config has an `srs key`
     smtp_paused: bool = False
     max_sessions: int = 20000

@@ -34,6 +34,7 @@ from pigeon.queue.journal import QueueError
 from pigeon.rules.ruleset import MatchContext
 from pigeon.server.localaddr import is_local
 from pigeon.server.received import ReceivedInfo, received_header
+from pigeon.srs import SRS_REJECT_REPLY, SRSError
 
 if TYPE_CHECKING:
     from pigeon.server.listener import ListenerRuntime
@@ -290,8 +291,21 @@ class SMTPSession(asyncio.Protocol):
         if txn is None:
             conn.reject(Reply(503, "Invalid command: Command not allowed at this point.", "5.5.1"))
             return
+        route_to = event.address
+        srs = self.services.srs
+        if srs is not None:
+            # A bounce to an address we rewrote goes back to the original sender; a forged
+            # or expired one is refused here instead of falling through to the rules.
+            try:
+                decoded = srs.decode_bounce_rcpt(txn.sender, event.address, now=int(time.time()))
+            except SRSError as exc:
+                conn.reject(SRS_REJECT_REPLY)
+                self._log_failed(f"RCPT TO:<{event.address}> ({exc})", SRS_REJECT_REPLY)
+                return
+            if decoded is not None:
+                route_to = decoded
         try:
-            destinations = await self.services.expander.expand(self._match_context(event.address))
+            destinations = await self.services.expander.expand(self._match_context(route_to))
         except SMTPError as err:
             conn.reject(err.reply())
             self._log_failed(f"RCPT TO:<{event.address}>", err.reply())
