@@ -168,6 +168,14 @@ class Daemon:
                 runtime.auth_mechanisms = ("PLAIN", "LOGIN")
                 runtime.auth_required = lst.auth
                 runtime.authenticator = self._authenticator(lst.auth_table)
+            if lst.senders is not None:
+                senders = self.resolver.get(lst.senders)
+
+                async def senders_lookup(service: str, key: str, t: Table = senders) -> str | None:
+                    return await t.lookup(Service(service), key)
+
+                runtime.senders = senders_lookup
+                runtime.masquerade = lst.masquerade
             out.append(runtime)
         return out
 

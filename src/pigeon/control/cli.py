@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         spool_opt(p)
     sub.add_parser("srs", help="encode or decode SRS addresses (pigeon srs --help)")
+    sub.add_parser("encrypt", help="hash a password for a credentials table, as smtpctl encrypt")
     return parser
 
 
@@ -298,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         from pigeon.srs_cli import srs_main
 
         return srs_main(argv[1:])
+    if argv[:1] == ["encrypt"]:
+        from pigeon.crypt_hash import encrypt_main
+
+        return encrypt_main(argv[1:])
     if argv[:1] and argv[0] in CONTROL_VERBS:
         return cmd_control(_control_args(argv))
     parser = _parser()

@@ -33,6 +33,9 @@ class ListenerRuntime:
     auth_mechanisms: tuple[str, ...] = ()
     auth_required: bool = False
     authenticator: Authenticator | None = None
+    # `senders <table> [masquerade]`: which MAIL FROM an authenticated user may use.
+    senders: Callable[[str, str], Awaitable[str | None]] | None = None
+    masquerade: bool = False
     mask_src: bool = False
     received_auth: bool = False
     dsn: bool = True

@@ -32,9 +32,11 @@ from pigeon.queue.envelope import (
 )
 from pigeon.queue.journal import QueueError
 from pigeon.rules.ruleset import MatchContext
+from pigeon.server.auth import SENDER_REJECTED, SENDER_TEMPFAIL, masquerade_from, sender_allowed
 from pigeon.server.localaddr import is_local
 from pigeon.server.received import ReceivedInfo, received_header
 from pigeon.srs import SRS_REJECT_REPLY, SRSError
+from pigeon.tables.base import TableError
 
 if TYPE_CHECKING:
     from pigeon.server.listener import ListenerRuntime
@@ -78,6 +80,24 @@ def _has_header(body: bytes, name: bytes) -> bool:
         if line[: len(prefix)].lower() == prefix:
             return True
     return False
+
+
+def _masquerade(body: bytes, sender: str) -> bytes:
+    """Replace the addresses of the (possibly folded) ``From:`` header by the sender."""
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[: end + 2]
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if line[:5].lower() != b"from:":
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (b" ", b"\t"):
+            j += 1
+        value = b"\r\n".join(lines[i:j])[5:].decode("utf-8", "surrogateescape")
+        new = masquerade_from(value, sender).encode("utf-8", "surrogateescape")
+        lines[i:j] = (b"From:" + new).split(b"\r\n")
+        break
+    return b"\r\n".join(lines) + (body[end + 2 :] if end >= 0 else b"")
 
 
 class SMTPSession(asyncio.Protocol):
@@ -222,6 +242,8 @@ class SMTPSession(asyncio.Protocol):
             self.esmtp = event.extended
             conn.accept()
         elif isinstance(event, proto.MailFrom):
+            if self.listener.senders is not None and self.auth_user is not None:
+                return False  # the senders table is asked first
             self._mail_from(event)
         elif isinstance(event, proto.DataBegin):
             conn.accept()
@@ -248,7 +270,9 @@ class SMTPSession(asyncio.Protocol):
     async def _handle_async(self, event: object) -> None:
         conn = self.conn
         assert conn is not None
-        if isinstance(event, proto.RcptTo):
+        if isinstance(event, proto.MailFrom):
+            await self._check_sender(event)
+        elif isinstance(event, proto.RcptTo):
             await self._rcpt_to(event)
         elif isinstance(event, proto.MessageEnd):
             await self._message_end()
@@ -268,6 +292,24 @@ class SMTPSession(asyncio.Protocol):
         msgid = self.services.store.reserve_msgid()
         self.txn = Transaction(msgid=msgid, sender=event.address, mail_params=event.params)
         conn.accept(Reply(250, "Ok", "2.0.0"))
+
+    async def _check_sender(self, event: proto.MailFrom) -> None:
+        """``senders <table>``: an authenticated user may only use the addresses it maps to."""
+        conn = self.conn
+        lookup = self.listener.senders
+        assert conn is not None and lookup is not None and self.auth_user is not None
+        try:
+            allowed = await sender_allowed(
+                self.auth_user, event.address, lookup, self.services.config.smtp.sub_addr_delim
+            )
+        except TableError:
+            conn.reject(SENDER_TEMPFAIL)
+            return
+        if not allowed:
+            conn.reject(SENDER_REJECTED)
+            self._log_failed(f"MAIL FROM:<{event.address}>", SENDER_REJECTED)
+            return
+        self._mail_from(event)
 
     def _match_context(self, rcpt: str) -> MatchContext:
         txn = self.txn
@@ -370,6 +412,8 @@ class SMTPSession(asyncio.Protocol):
             mask_src=self.listener.mask_src,
             single_rcpt=txn.rcpts[0] if len(txn.rcpts) == 1 else None,
         )
+        if self.listener.masquerade and self.auth_user is not None:
+            body = _masquerade(body, txn.sender)
         head = received_header(info)
         if self.local or self.auth_user is not None or self.listener.socket:
             # Submission from our own host or a user: complete what a bare client left out.
