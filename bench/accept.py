@@ -152,6 +152,19 @@ class PigeonServer(Server):
         wait_port(self.port)
 
 
+class PigeonAsyncioServer(PigeonServer):
+    """Pigeon on the standard asyncio event loop, to show what uvloop changes."""
+
+    name = "pigeon-asyncio"
+
+    def start(self) -> None:
+        os.environ["PIGEON_EVENT_LOOP"] = "asyncio"
+        try:
+            super().start()
+        finally:
+            del os.environ["PIGEON_EVENT_LOOP"]
+
+
 class ReferenceServer(Server):
     name = "aiosmtpd"
 
@@ -300,6 +313,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--idle", type=int, default=5000)
     parser.add_argument("--scenarios", default="a1,a10,a50,b1,b10,b50")
+    parser.add_argument(
+        "--asyncio-loop", action="store_true", help="also run Pigeon on the standard loop"
+    )
     args = parser.parse_args()
     raise_nofile()
     try:
@@ -315,33 +331,39 @@ def main() -> None:
         f"{args.runs} runs per server, alternating"
     )
     table = []
-    for scenario in args.scenarios.split(","):
+    for scenario in [s for s in args.scenarios.split(",") if s]:
         keepalive = scenario[0] == "b"
         conc = int(scenario[1:])
-        results: dict[str, list[Result]] = {"pigeon": [], "aiosmtpd": []}
+        servers: list[type[Server]] = [PigeonServer, ReferenceServer]
+        if args.asyncio_loop:
+            servers.insert(1, PigeonAsyncioServer)
+        results: dict[str, list[Result]] = {cls.name: [] for cls in servers}
         for _ in range(args.runs):
-            for cls in (PigeonServer, ReferenceServer):
+            for cls in servers:
                 server = cls()
                 server.start()
                 try:
                     results[cls.name].append(runner(load(server.port, args.n, conc, keepalive)))
                 finally:
                     server.stop()
-        row = {}
-        for name, rs in results.items():
-            row[name] = Result(
+        row = {
+            name: Result(
                 statistics.median(r.rate for r in rs),
                 statistics.median(r.p50 for r in rs),
                 statistics.median(r.p99 for r in rs),
             )
-        p, r = row["pigeon"], row["aiosmtpd"]
-        runs = " ".join(f"{x.rate:.0f}" for x in results["pigeon"])
-        ref_runs = " ".join(f"{x.rate:.0f}" for x in results["aiosmtpd"])
-        table.append(
-            f"{scenario:>4}  pigeon {p.rate:7.0f} msg/s (p50 {p.p50:5.2f} ms, p99 {p.p99:6.2f} ms)"
-            f"  aiosmtpd {r.rate:7.0f} msg/s (p50 {r.p50:5.2f} ms, p99 {r.p99:6.2f} ms)"
-            f"  ratio {p.rate / r.rate:4.2f}x   [runs: {runs} | {ref_runs}]"
-        )
+            for name, rs in results.items()
+        }
+        ref = row["aiosmtpd"]
+        parts = []
+        for name, res in row.items():
+            runs = " ".join(f"{x.rate:.0f}" for x in results[name])
+            ratio = "" if name == "aiosmtpd" else f" = {res.rate / ref.rate:4.2f}x ref"
+            parts.append(
+                f"{name} {res.rate:6.0f} msg/s{ratio} (p50 {res.p50:5.2f} ms, "
+                f"p99 {res.p99:6.2f} ms; runs {runs})"
+            )
+        table.append(f"{scenario:>4}  " + " | ".join(parts))
         print(table[-1], flush=True)
     if args.idle:
         server = PigeonServer()

@@ -18,7 +18,6 @@ from aiosmtpd.smtp import Session as AioSession
 from dnsserver import DNSTestServer
 from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
 
-
 SRS_KEY = "a secret of the forwarder"
 
 

@@ -149,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.foreground:
         _daemonize()
     setup_logging(foreground=args.foreground, verbose=args.verbose, spool=spool)
+    _raise_nofile()
     options = DaemonOptions(
         spool=spool,
         paused=frozenset(args.paused or ()),
@@ -177,6 +178,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_loop(main())
 
 
+def _raise_nofile() -> None:
+    """Each SMTP session is a file descriptor: allow as many as the hard limit does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _dns_settings(resolvers: list[str] | None) -> Any:
     from pigeon.delivery.dns import DNSSettings
 
@@ -194,6 +204,9 @@ def _dns_settings(resolvers: list[str] | None) -> Any:
 
 
 def _run_loop(coro: Any) -> int:
+    """uvloop when installed (PIGEON_EVENT_LOOP=asyncio forces the standard loop)."""
+    if os.environ.get("PIGEON_EVENT_LOOP") == "asyncio":
+        return int(asyncio.run(coro))
     try:
         import uvloop
 
@@ -295,6 +308,11 @@ def _monitor(spool: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["run"]:
+        import signal
+
+        # `pigeon show queue | head` should end quietly, as smtpctl does.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if argv[:1] == ["srs"]:
         from pigeon.srs_cli import srs_main
 
