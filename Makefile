@@ -8,9 +8,9 @@ BIN    := $(VENV)/bin
 SPOOL  ?= $(CURDIR)/pigeon-spool
 
 # Debian packages the tests use (real clients and servers).
-TEST_DEBS := swaks python3-venv
+TEST_DEBS := swaks python3-venv rspamd opensmtpd redis-server postgresql
 
-.PHONY: run test venv test-deps lint bench clean
+.PHONY: run test venv test-deps lint bench clean install-service
 
 $(BIN)/pigeon: pyproject.toml
 	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && [ "$$(id -u)" = "0" ]; then \
@@ -41,8 +41,13 @@ lint: venv
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
+# As root, after `pip install .`: the _pigeon user, spool, /etc/pigeon/smtpd.conf, systemd unit.
+install-service:
+	packaging/install.sh
+
 bench: venv
 	$(BIN)/python bench/accept.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) pigeon-spool .pytest_cache .mypy_cache .ruff_cache

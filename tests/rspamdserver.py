@@ -2,7 +2,7 @@
 
 Usage::
 
-    with RspamdServer() as rspamd:
+    with RspamdServer() as rspamd:       # or: rspamd = shared_rspamd()  (one per process)
         rspamd.url          # "http://127.0.0.1:<port>"  (POST <url>/checkv2)
         rspamd.socket_path  # the same scanner on a unix socket
         rspamd.log()        # rspamd's own log, for failure messages
@@ -17,12 +17,18 @@ As root, rspamd refuses to keep root privileges: it is started with ``-u _rspamd
 (the Debian package's user) and its work directories are handed to that user; without that
 user, ``-i`` (run insecurely as root) is used. Not root: rspamd runs as ourselves.
 
+For the answers real rspamd cannot be made to give on demand, :func:`canned_replies` reads
+the captured replies of ``transcripts/rspamd-actions.txt`` and :class:`FakeRspamd` serves one
+(asyncio, TCP or unix socket, optional delay, records the requests).
+
 Skips the calling test (pytest.skip) when ``/usr/bin/rspamd`` is missing (Debian package
 ``rspamd``; CI installs it through the Makefile's TEST_DEBS).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
 import pwd
 import shutil
@@ -32,23 +38,53 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import pytest
 
-__all__ = ["GTUBE", "GTUBE_ADD_HEADER", "GTUBE_REWRITE_SUBJECT", "RspamdServer", "rspamd_binary"]
+__all__ = [
+    "GTUBE",
+    "GTUBE_ADD_HEADER",
+    "GTUBE_REWRITE_SUBJECT",
+    "FakeRequest",
+    "FakeRspamd",
+    "RspamdServer",
+    "canned_replies",
+    "rspamd_binary",
+    "shared_rspamd",
+]
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 GTUBE_ADD_HEADER = "YJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 GTUBE_REWRITE_SUBJECT = "ZJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 # Modules that would reach the network, need redis, or slow every scan down.
-_DISABLED_MODULES = (
-    "rbl fuzzy_check asn dcc spamassassin phishing spf dmarc dkim mx_check rspamd_update "
-    "neural reputation url_redirector greylist ratelimit history_redis multimap bimi arc "
-    "emails surbl"
-).split()
+_DISABLED_MODULES = [
+    "rbl",
+    "fuzzy_check",
+    "asn",
+    "dcc",
+    "spamassassin",
+    "phishing",
+    "spf",
+    "dmarc",
+    "dkim",
+    "mx_check",
+    "rspamd_update",
+    "neural",
+    "reputation",
+    "url_redirector",
+    "greylist",
+    "ratelimit",
+    "history_redis",
+    "multimap",
+    "bimi",
+    "arc",
+    "emails",
+    "surbl",
+]
 
 
 def rspamd_binary() -> str | None:
@@ -223,3 +259,121 @@ class RspamdServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+_shared: RspamdServer | None = None
+
+
+def shared_rspamd() -> RspamdServer:
+    """One rspamd for the whole test process, started on first use and stopped at exit.
+
+    rspamd 3.4 needs about 13 s to load its Lua configuration, so test modules that only
+    need *a* default rspamd share this one instead of starting their own.
+    """
+    global _shared
+    if _shared is None:
+        server = RspamdServer()
+        server.start()
+        atexit.register(server.stop)
+        _shared = server
+    return _shared
+
+
+# -- canned replies and a fake rspamd ----------------------------------------------------------
+
+TRANSCRIPTS = Path(__file__).parent / "data" / "design" / "transcripts"
+
+
+def canned_replies(name: str = "rspamd-actions.txt") -> dict[str, tuple[int, bytes]]:
+    """``{case: (HTTP status, body)}`` from a captured transcript, e.g. ``"fake-greylist"``."""
+    text = (TRANSCRIPTS / name).read_text()
+    replies: dict[str, tuple[int, bytes]] = {}
+    for block in text.split("== CASE ")[1:]:
+        case = block.split("\n", 1)[0].strip()
+        _, sep, rest = block.partition("---- response ")
+        if not sep:
+            continue
+        status, _, after = rest.partition(" ----\n")
+        body = after.split("\n--- delivered", 1)[0].strip("\n")
+        replies[case] = (int(status), body.encode())
+    return replies
+
+
+@dataclass
+class FakeRequest:
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+
+@dataclass
+class FakeRspamd:
+    """An asyncio HTTP server playing rspamd: answers ``reply`` (status, body) to every
+    request after ``delay`` seconds, and records the requests it got.
+
+    ``async with FakeRspamd() as fake: fake.url`` (TCP on 127.0.0.1), or
+    ``FakeRspamd(unix_path=...)`` for a unix socket. ``chunked=True`` answers with
+    Transfer-Encoding: chunked, ``close_early=True`` closes without answering.
+    """
+
+    reply: tuple[int, bytes] = (200, b'{"action": "no action", "score": 0.0}')
+    delay: float = 0.0
+    chunked: bool = False
+    close_early: bool = False
+    unix_path: str | None = None
+    requests: list[FakeRequest] = field(default_factory=list)
+    url: str = ""
+    _server: asyncio.AbstractServer | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = (await reader.readline()).decode("latin-1").split()
+            headers: list[tuple[str, str]] = []
+            for _ in range(500):
+                line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
+                if not line:
+                    break
+                name, _, value = line.partition(":")
+                headers.append((name.strip(), value.strip()))
+            length = int(dict((n.lower(), v) for n, v in headers).get("content-length", "0"))
+            body = await reader.readexactly(length)
+            self.requests.append(FakeRequest(request_line[0], request_line[1], headers, body))
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.close_early:
+                return
+            status, payload = self.reply
+            if self.chunked:
+                head = f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                half = len(payload) // 2
+                chunks = b"".join(
+                    b"%x\r\n%s\r\n" % (len(part), part) for part in (payload[:half], payload[half:])
+                )
+                writer.write(head + chunks + b"0\r\n\r\n")
+            else:
+                top = f"HTTP/1.1 {status} X\r\nContent-Length: {len(payload)}\r\n"
+                writer.write(top.encode() + b"Connection: close\r\n\r\n" + payload)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> FakeRspamd:
+        if self.unix_path is not None:
+            self._server = await asyncio.start_unix_server(self._handle, self.unix_path)
+            self.url = self.unix_path
+        else:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            port = self._server.sockets[0].getsockname()[1]
+            self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

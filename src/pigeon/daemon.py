@@ -9,10 +9,11 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pigeon import metrics
 from pigeon.config.expand import FormatContext, FormatError, expand_format
 from pigeon.config.model import Action, Config, TableRef
 from pigeon.control.server import ControlServer
@@ -32,16 +33,28 @@ from pigeon.queue.envelope import (
     new_evpid,
 )
 from pigeon.queue.journal import JournalStore, QueueError
+from pigeon.reload import Reloader
 from pigeon.rules.expand import Expander
 from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.scheduler import policy
 from pigeon.scheduler.scheduler import Clock, Outcome, Scheduler
 from pigeon.server.auth import CredentialsChecker
+from pigeon.filters.runtime import FilterManager, table_getter
 from pigeon.server.listener import ListenerRuntime, bound_ports, resolve_interface, start_listener
+from pigeon.server.localaddr import local_addresses
 from pigeon.server.services import Services
 from pigeon.server.tls import server_context
 from pigeon.srs import SRSContext
-from pigeon.tables.base import Service, Table, TableError, TableResolver, open_tables
+from pigeon.tables.base import (
+    Service,
+    Table,
+    TableError,
+    TableResolver,
+    close_tables,
+    open_tables,
+    start_tables,
+    update_table,
+)
 
 log = logging.getLogger("pigeon")
 mda_log = logging.getLogger("pigeon.mda")
@@ -60,6 +73,11 @@ class DaemonOptions:
     session_timeout: float = SESSION_TIMEOUT
     dns: DNSSettings | None = None  # None: the system resolver (/etc/resolv.conf)
     mx_port: int = 25  # port used toward MX hosts (tests aim it at loopback sinks)
+    # What a reload reads again (`pigeon run -f FILE -D NAME=VALUE`); None: the built-in config.
+    config_file: str | None = None
+    macros: Mapping[str, str] = field(default_factory=dict)
+    # Local delivery, when it must go through the privileged helper (privsep.py).
+    local_delivery: Callable[[LocalTarget, Envelope, bytes], Awaitable[Outcome]] | None = None
 
 
 def _format_delay(seconds: float) -> str:
@@ -72,6 +90,27 @@ def _format_delay(seconds: float) -> str:
     return out + f"{s}s" if (s or not out) else out
 
 
+def relay_settings(config: Config, helo: str, mx_port: int) -> RelaySettings:
+    """The relay agent's settings, with the default (not per-domain) ``mta limit`` values."""
+    limits: dict[str, int] = {}
+    for entry in config.mta_limits:
+        if entry.domain is None:
+            limits.update(entry.values)
+    settings = RelaySettings(helo=helo, mx_port=mx_port)
+    # Pigeon's per-destination cap counts sessions per address and port: a route and a
+    # host are the same thing for it, so the tighter of the two limits applies.
+    conn = [limits[k] for k in ("max-conn-per-host", "max-conn-per-route") if k in limits]
+    if conn:
+        settings.max_conn_per_host = max(1, min(conn))
+    if "session-mail-max" in limits:
+        settings.max_mails_per_session = max(1, limits["session-mail-max"])
+    if "session-keepalive" in limits:
+        settings.keepalive = float(limits["session-keepalive"])
+    if "max-failures-per-session" in limits:
+        settings.max_failures_per_session = max(1, limits["max-failures-per-session"])
+    return settings
+
+
 class Daemon:
     def __init__(self, config: Config, options: DaemonOptions) -> None:
         self.config = config
@@ -82,8 +121,11 @@ class Daemon:
         self.ruleset = Ruleset(config, self.tables, local_names=self._local_names())
         self.expander = Expander(config, self.tables, self.ruleset)
         self.resolver = TableResolver(config, self.tables)
+        self.filters = FilterManager(
+            config, table_getter(self.resolver), admd=config.admd or self.hostname
+        )
         self.relay = RelayAgent(
-            RelaySettings(helo=self.hostname, mx_port=options.mx_port),
+            relay_settings(config, self.hostname, options.mx_port),
             MXResolver(options.dns or DNSSettings()),
         )
         # Envelopes of one message due together are delivered in one transaction.
@@ -120,12 +162,22 @@ class Daemon:
         self.servers: list[asyncio.Server] = []
         self.control = ControlServer(self, options.spool / "control.sock")
         self.started = time.time()
+        # Each listener's settings with its sockets (a reload updates the settings in place).
+        self.listeners: list[tuple[ListenerRuntime, list[asyncio.Server]]] = []
+        self.metrics_server: asyncio.AbstractServer | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.reloader = Reloader(self)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def _local_names(self) -> frozenset[str]:
         names = {"localhost", "localhost.localdomain", socket.gethostname().lower()}
         names.add(self.hostname.lower())
+        # OpenSMTPD's <localnames> also holds the host's addresses, bare and as literals:
+        # without them `user%other@[127.0.0.1]` from a local client would go to the relay.
+        for addr in local_addresses():
+            names.add(addr.lower())
+            names.add(f"[IPv6:{addr}]".lower() if ":" in addr else f"[{addr}]")
         for listener in self.config.listeners:
             if listener.hostname:
                 names.add(listener.hostname.lower())
@@ -176,6 +228,7 @@ class Daemon:
 
                 runtime.senders = senders_lookup
                 runtime.masquerade = lst.masquerade
+            runtime.filter_chain = self.filters.chain(lst.filter)
             out.append(runtime)
         return out
 
@@ -188,8 +241,15 @@ class Daemon:
             return await table.lookup(Service(service), key)
 
         if Service.AUTH in table.services():
+            by_hash = CredentialsChecker(lookup)
 
             async def auth_check(credentials: str) -> bool:
+                # A proc table's services are only known after its handshake (it may start
+                # late or be restarted): decide between auth and credentials on each try.
+                await table.start()
+                if Service.AUTH not in table.services():
+                    user, _, password = credentials.partition(":")
+                    return await by_hash.check(user, password)
                 return await table.check(Service.AUTH, credentials)
 
             return CredentialsChecker(lookup, auth_check=auth_check)
@@ -201,8 +261,18 @@ class Daemon:
             self.scheduler.add(env)
         count = len(self.scheduler.envelopes())
         log.info("info: Pigeon starting, %d envelope(s) in the queue", count)
+        await self.filters.start()  # like smtpd: every filter is ready before any session
+        # Proc tables handshake now: listeners need their services (auth or credentials).
+        await start_tables(self.tables.values())
         for runtime in self.listener_runtimes():
-            self.servers += await start_listener(self.services, runtime)
+            servers = await start_listener(self.services, runtime)
+            self.listeners.append((runtime, servers))
+            self.servers += servers
+        if self.config.metrics is not None:
+            m = self.config.metrics
+            self.metrics_server = await metrics.serve(m.address, m.port)
+            self.metrics_address = (m.address, m.port)
+        metrics.set_gauge_source(self.gauges)
         await self.control.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.scheduler.run()))
@@ -211,6 +281,26 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.on_sighup)
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration (SIGHUP, ``pigeon reload``); ``(ok, message)``."""
+        return await self.reloader.reload()
+
+    def gauges(self) -> dict[str, float]:
+        """Values sampled when Prometheus scrapes /metrics."""
+        envelopes = self.scheduler.envelopes()
+        now = time.time()
+        oldest = min((e.ctime for e in envelopes), default=None)
+        return {
+            "smtp_sessions_active": len(self.services.sessions),
+            "queue_messages": len(self.store.messages),
+            "queue_envelopes": len(envelopes),
+            "queue_envelopes_inflight": len(self.scheduler.inflight),
+            "queue_oldest_age_seconds": max(0.0, now - oldest) if oldest is not None else 0.0,
+            "uptime_seconds": now - self.started,
+        }
 
     def ports(self) -> list[tuple[str, int]]:
         return bound_ports(self.servers)
@@ -229,6 +319,9 @@ class Daemon:
         for session in list(self.services.sessions):
             if session.transport is not None:
                 session.transport.close()
+        await self.filters.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         await self.control.stop()
         await self.scheduler.stop()
         await self.relay.close()
@@ -238,6 +331,15 @@ class Daemon:
             with contextlib.suppress(BaseException):
                 await task
         await self.store.close()
+        await close_tables(self.tables.values())
+
+    async def update_table(self, name: str) -> None:
+        """``pigeon update table NAME``: reload one table in place (TableError on failure;
+        the table keeps its previous contents then)."""
+        table = self.tables.get(name)
+        if table is None:
+            raise TableError(f"no such table: {name}")
+        await update_table(table)
 
     async def _sweeper(self) -> None:
         while True:
@@ -258,7 +360,12 @@ class Daemon:
     # ------------------------------------------------------------------ queue events
 
     def _accepted(self, envelopes: list[Envelope]) -> None:
+        self.services.stats.incr("queue.envelope.enqueued", len(envelopes))
         for env in envelopes:
+            action = self.config.actions.get(env.dispatcher)
+            if action is not None and action.ttl and not env.ttl:
+                env.ttl = action.ttl  # the action's `ttl` overrides `queue ttl`
+                self.store.update(env)
             self.scheduler.add(env)
 
     def _now(self) -> float:
@@ -279,7 +386,8 @@ class Daemon:
         except QueueError as exc:
             outcome = Outcome.tempfail(str(exc))
         else:
-            outcome = await self._deliver_local(env, action, body)
+            with metrics.timed("delivery_seconds", agent=action.method):
+                outcome = await self._deliver_local(env, action, body)
         await self._record_outcome(env, outcome)
 
     async def _dispatch_batch(self, env: Envelope, action: Action) -> None:
@@ -296,19 +404,28 @@ class Daemon:
         await asyncio.sleep(0)  # the scheduler started its siblings in the same tick
         del self._batches[key]
         envelopes = [e for e, _ in batch]
+        dsn_relayed: set[int] = set()
         try:
-            outcomes = await self._deliver_remote(envelopes, action)
+            with metrics.timed("delivery_seconds", agent=action.method):
+                outcomes = await self._deliver_remote(envelopes, action, dsn_relayed)
         except Exception as exc:  # never leave siblings waiting
             log.exception("warn: %s delivery failed unexpectedly", action.method)
             outcomes = {e.evpid: Outcome.tempfail(f"internal error: {exc}") for e in envelopes}
-        for e, fut in batch:
-            outcome = outcomes.get(e.evpid) or Outcome.tempfail("no result from delivery agent")
-            await self._record_outcome(e, outcome)
+        results = [
+            (e, outcomes.get(e.evpid) or Outcome.tempfail("no result from delivery agent"))
+            for e, _ in batch
+        ]
+        # Recipients that failed (or were delayed) together get one report, sent before
+        # their envelopes go (a crash in between duplicates a report, never loses one).
+        relayed = action.method == "relay"
+        await self._send_reports(self._due_reports(results, relayed, dsn_relayed))
+        for (e, fut), (_, outcome) in zip(batch, results, strict=True):
+            await self._record_outcome(e, outcome, reported=True)
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
     async def _deliver_remote(
-        self, envelopes: list[Envelope], action: Action
+        self, envelopes: list[Envelope], action: Action, dsn_relayed: set[int] | None = None
     ) -> dict[int, Outcome]:
         try:
             body = self.store.read_body(envelopes[0].msgid)
@@ -335,7 +452,9 @@ class Daemon:
             by_sender.setdefault(self._relay_sender(e, action), []).append(e)
         outcomes: dict[int, Outcome] = {}
         for sender, group in by_sender.items():
-            outcomes.update(await self.relay.deliver(route, group, body, sender=sender))
+            outcomes.update(
+                await self.relay.deliver(route, group, body, sender=sender, dsn_relayed=dsn_relayed)
+            )
         return outcomes
 
     def _relay_sender(self, env: Envelope, action: Action) -> str:
@@ -393,6 +512,8 @@ class Daemon:
             target = await self.local_target(env, action)
         except SMTPError as err:
             return Outcome(("tempfail" if err.temporary else "permfail"), err.line())
+        if self.options.local_delivery is not None:  # root-started: the privileged helper
+            return await self.options.local_delivery(target, env, body)
         return await deliver_local(target, env, body)
 
     async def local_target(self, env: Envelope, action: Action) -> LocalTarget:
@@ -432,7 +553,70 @@ class Daemon:
             return LocalTarget("mda", expand(action.mda_command or ""), user)
         raise SMTPError(550, "5.3.0", f"cannot deliver locally with {action.method}")
 
-    async def _record_outcome(self, env: Envelope, outcome: Outcome) -> None:
+    def _due_reports(
+        self,
+        results: list[tuple[Envelope, Outcome]],
+        relayed: bool = False,
+        dsn_relayed: set[int] | None = None,
+    ) -> dict[tuple[str, float | None], list[bounce.BounceItem]]:
+        """The DSNs these outcomes call for, grouped by (kind, expiry of a delay notice).
+
+        A success relayed to a next hop that took the DSN request along is reported there,
+        not here; one without DSN gets a local "relayed" notice (RFC 3461 section 6.2).
+        """
+        reports: dict[tuple[str, float | None], list[bounce.BounceItem]] = {}
+        now = self._now()
+        for env, outcome in results:
+            kind: str | None = None
+            expires: float | None = None
+            if outcome.status == "ok":
+                if relayed and dsn_relayed is not None and env.evpid in dsn_relayed:
+                    continue
+                kind = "relayed" if relayed else "delivered"
+                if not bounce.wants_report(env, "delivered"):
+                    continue
+            elif outcome.status == "tempfail":
+                env.last_try = int(now)
+                if env.evpid not in self.scheduler or not self._warn_due(env, now):
+                    continue
+                kind = "delayed"
+                expires = policy.expiry(env, self.config.queue.ttl)
+                if not bounce.wants_report(env, kind):
+                    continue
+            else:
+                kind = "failed"
+                env.last_try = int(now)
+                if not bounce.wants_report(env, kind):
+                    continue
+            reports.setdefault((kind, expires), []).append(bounce.BounceItem(env, outcome.line))
+        return reports
+
+    async def _send_reports(
+        self, reports: dict[tuple[str, float | None], list[bounce.BounceItem]]
+    ) -> None:
+        for (kind, expires), items in reports.items():
+            await self._report(kind, items, expires_at=expires)
+
+    def _warn_due(self, env: Envelope, now: float) -> bool:
+        """``bounce warn-interval``: one delay notice per crossed threshold; marks it sent."""
+        retry = env.retry
+        env.retry += 1  # the attempt being recorded counts for the next retry time
+        try:
+            next_try = policy.next_attempt(env, now)
+        finally:
+            env.retry = retry
+        for delay in self.config.bounce_warn_interval:
+            threshold = env.ctime + delay
+            if next_try >= threshold and env.last_bounce < threshold:
+                env.last_bounce = threshold
+                return True
+        return False
+
+    async def _record_outcome(
+        self, env: Envelope, outcome: Outcome, reported: bool = False
+    ) -> None:
+        if not reported:
+            await self._send_reports(self._due_reports([(env, outcome)]))
         now = self._now()
         delay = _format_delay(now - env.ctime)
         result = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "Loop"}[
@@ -465,11 +649,16 @@ class Daemon:
                 result,
                 outcome.line,
             )
+        action = self.config.actions.get(env.dispatcher)
+        metrics.count(
+            "deliveries",
+            agent=action.method if action is not None else env.type,
+            result=outcome.status,
+            destination=env.dest.rpartition("@")[2],
+        )
         stats = self.services.stats
         if outcome.status == "ok":
             stats.incr("scheduler.delivery.ok")
-            if bounce.wants_report(env, "delivered"):
-                await self._report("delivered", [bounce.BounceItem(env, outcome.line)])
             self.store.delete([env.evpid])
             self.scheduler.done(env.evpid)
             return
@@ -479,33 +668,18 @@ class Daemon:
             env.last_try = int(now)
             env.errorline = outcome.line
             env.esc_class = 4
-            if env.evpid not in self.scheduler:
-                return  # removed by the administrator while in flight
-            await self._maybe_warn(env, now)
+            if env.evpid not in self.scheduler:  # removed by the administrator while in flight
+                self.store.delete([env.evpid])
+                self.scheduler.done(env.evpid)
+                return
             self.store.update(env)
             self.scheduler.retried(env)
             return
         stats.incr(f"scheduler.delivery.{outcome.status}")
         env.errorline = outcome.line
         env.last_try = int(now)
-        if bounce.wants_report(env, "failed"):
-            await self._report("failed", [bounce.BounceItem(env, outcome.line)])
         self.store.delete([env.evpid])
         self.scheduler.done(env.evpid)
-
-    async def _maybe_warn(self, env: Envelope, now: float) -> None:
-        """``bounce warn-interval``: one delay notice per crossed threshold."""
-        next_try = policy.next_attempt(env, now)
-        for delay in self.config.bounce_warn_interval:
-            threshold = env.ctime + delay
-            if next_try >= threshold and env.last_bounce < threshold:
-                env.last_bounce = threshold
-                if bounce.wants_report(env, "delayed"):
-                    expires = policy.expiry(env, self.config.queue.ttl)
-                    await self._report(
-                        "delayed", [bounce.BounceItem(env, env.errorline)], expires_at=expires
-                    )
-                break
 
     async def _expire(self, env: Envelope) -> None:
         line = env.errorline or "Envelope expired"
@@ -517,6 +691,7 @@ class Daemon:
             _format_delay(self._now() - env.ctime),
         )
         self.services.stats.incr("scheduler.envelope.expired")
+        metrics.count("envelopes_expired")
         if bounce.wants_report(env, "failed"):
             item = bounce.BounceItem(env, f"Envelope expired ({line})")
             await self._report("failed", [item])
@@ -544,6 +719,7 @@ class Daemon:
         )
         try:
             await self.inject("", [rcpt], message, flags=[FLAG_BOUNCE])
+            self.services.stats.incr("queue.bounce")
         except (SMTPError, QueueError) as exc:
             log.warning(
                 "warn: PermFail injecting failure report on message %s to <%s>: %s",

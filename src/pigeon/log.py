@@ -1,15 +1,104 @@
-"""Logging in OpenSMTPD's line format: ``<session-id> smtp connected address=...``."""
+"""Logging in OpenSMTPD's line format: ``<session-id> smtp connected address=...``.
+
+Lines go to stderr (``pigeon run -d``, or ``--log stderr``) or to syslog's mail facility, as
+``smtpd`` writes them; ``--log-format json`` turns each line into one JSON object whose fields
+are parsed from the text (``session``, ``event``, then every ``key=value``), for log shippers.
+
+Verbosity changes at run time with ``pigeon log verbose|brief`` and ``pigeon trace|untrace
+SUBSYSTEM`` (as smtpctl; handled by the control server, which sets the subsystem's logger to
+DEBUG).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
+LOG_TARGETS = ("stderr", "syslog")
+LOG_FORMATS = ("text", "json")
 
-def setup_logging(*, foreground: bool, verbose: bool, spool: Path | None = None) -> None:
+_SESSION_ID = re.compile(r"[0-9a-f]{16}")
+_FIELD = re.compile(r'([A-Za-z][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def set_verbose(on: bool) -> None:
+    logging.getLogger("pigeon").setLevel(logging.DEBUG if on else logging.INFO)
+
+
+def parse_line(message: str) -> dict[str, str]:
+    """Split an OpenSMTPD-style line into fields.
+
+    ``e706f4ed9ca38df3 smtp connected address=127.0.0.1 host=localhost`` gives
+    ``{"session": "e706f4ed9ca38df3", "event": "smtp connected", "address": "127.0.0.1",
+    "host": "localhost"}``. Quoted values lose their quotes. Lines without ``key=value``
+    (``info: Pigeon starting``) have only ``event``.
+    """
+    out: dict[str, str] = {}
+    rest = message
+    first, _, tail = rest.partition(" ")
+    if _SESSION_ID.fullmatch(first):
+        out["session"] = first
+        rest = tail
+    match = _FIELD.search(rest)
+    event = rest if match is None else rest[: match.start()]
+    out["event"] = event.strip()
+    if match is not None:
+        for m in _FIELD.finditer(rest, match.start()):
+            value = m.group(2)
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1].replace('\\"', '"')
+            out.setdefault(m.group(1), value)
+    return out
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, subsystem, the raw message, parsed fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        data: dict[str, object] = {
+            "time": f"{ts}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        for key, value in parse_line(message).items():
+            data.setdefault(key, value)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False)
+
+
+def _handler(target: str, spool: Path | None) -> logging.Handler:
+    if target == "stderr":
+        return logging.StreamHandler(sys.stderr)
+    if os.path.exists("/dev/log"):
+        return logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+    # No syslog daemon (containers): a file in the spool rather than losing the lines.
+    handler = logging.FileHandler((spool or Path(".")) / "pigeon.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    return handler
+
+
+def setup_logging(
+    *,
+    foreground: bool,
+    verbose: bool,
+    spool: Path | None = None,
+    target: str | None = None,
+    fmt: str = "text",
+) -> None:
+    """Configure the ``pigeon`` loggers. ``target`` defaults to stderr in the foreground and
+    syslog otherwise."""
     # Every message logs several lines: skip what our format never prints (caller frame
     # lookup, thread and process names) to keep each line cheap.
     logging._srcfile = None
@@ -18,19 +107,22 @@ def setup_logging(*, foreground: bool, verbose: bool, spool: Path | None = None)
     logging.logMultiprocessing = False
     root = logging.getLogger("pigeon")
     root.handlers.clear()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    set_verbose(verbose)
     root.propagate = False
-    handler: logging.Handler
-    if foreground:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
-        )
+    handler = _handler(target or ("stderr" if foreground else "syslog"), spool)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    elif isinstance(handler, logging.handlers.SysLogHandler):
         handler.setFormatter(logging.Formatter(f"pigeon[{os.getpid()}]: %(message)s"))
-    else:
-        target = (spool or Path(".")) / "pigeon.log"
-        handler = logging.FileHandler(target)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    elif handler.formatter is None:
+        handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
+
+
+def refresh_syslog_ident() -> None:
+    """After a fork the pid in the syslog prefix is stale: rewrite it."""
+    for handler in logging.getLogger("pigeon").handlers:
+        if isinstance(handler, logging.handlers.SysLogHandler) and not isinstance(
+            handler.formatter, JSONFormatter
+        ):
+            handler.setFormatter(logging.Formatter(f"pigeon[{os.getpid()}]: %(message)s"))

@@ -94,8 +94,14 @@ class _State:
     """The live registry, present only while metrics are enabled."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Histogram,
+            disable_created_metrics,
+        )
 
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series double the output and nobody graphs them
         self.registry = CollectorRegistry(auto_describe=True)
         self.metrics: dict[str, Any] = {}
         for name, spec in METRICS.items():
@@ -216,6 +222,34 @@ def _destination(state: _State, domain: str) -> str:
         return "other"
     state.destinations.add(domain)
     return domain
+
+
+_VERBS = frozenset(
+    [
+        "HELO",
+        "EHLO",
+        "LHLO",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "BDAT",
+        "RSET",
+        "QUIT",
+        "NOOP",
+        "HELP",
+        "VRFY",
+        "EXPN",
+        "STARTTLS",
+        "AUTH",
+    ]
+)
+
+
+def command_label(command: str) -> str:
+    """The ``command`` label: the SMTP verb of a command line, ``other`` for anything else
+    (a client's garbage must not create label values)."""
+    verb = command.split(":", 1)[0].split(" ", 1)[0].upper()
+    return verb if verb in _VERBS else "other"
 
 
 def reject_reason(reply_code: int, enhanced: str | None) -> str:

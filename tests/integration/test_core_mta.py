@@ -273,14 +273,14 @@ def test_temporary_failure_is_retried(site: Site) -> None:
     site.flag.touch()
     out = site.daemon.ctl("schedule", str(row["evpid"])).stdout
     assert "1 envelope scheduled" in out
-    wait_for(lambda: (site.mail / "soft.out").exists(), what="the retried delivery")
-    assert b"retry me" in (site.mail / "soft.out").read_bytes()
+    # The queue entry goes once the mda has finished writing: then the file is complete.
     wait_for(lambda: soft_row() is None, what="the envelope to leave the queue")
+    assert b"retry me" in (site.mail / "soft.out").read_bytes()
 
 
 def test_show_stats_and_envelope(site: Site) -> None:
     stats = site.daemon.stats()
-    assert int(str(stats["smtp.session"])) >= 1
+    assert int(str(stats["smtp.session.inet4"])) >= 1  # smtp.session: current, as smtpctl
     assert int(str(stats["scheduler.delivery.ok"])) >= 1
     text = site.daemon.ctl("show", "stats").stdout
     assert "uptime=" in text and "scheduler.delivery.ok=" in text
@@ -313,7 +313,7 @@ match from any for local action "local"
             client.sendmail("x@example.org", ["dave@localhost"], "Subject: kept\r\n\r\nx\r\n")
         rows = daemon.queue()
         assert len(rows) == 1 and rows[0]["dest"] == "dave@localhost"
-        assert "suspend" in str(rows[0]["flags"])
+        assert rows[0]["runstate"] == "pending" and rows[0]["delay"] == -1  # held, as smtpctl
     finally:
         daemon.stop()
     offline = daemon.ctl("show", "queue")

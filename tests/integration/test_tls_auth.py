@@ -236,9 +236,10 @@ def test_starttls_with_swaks(site: Site) -> None:
             "--header",
             "Subject: starttls-swaks",
         ],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "STARTTLS" in result.stdout
@@ -368,11 +369,12 @@ def swaks_auth(
             user,
             "--auth-password",
             password,
-            *extra,
+            *(extra or ("--to", f"carol@{DOMAIN}")),
         ],
+        stdin=subprocess.DEVNULL,  # swaks prompts for what it misses
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
 
 
@@ -461,10 +463,13 @@ def test_swaks_without_tls_cannot_auth(site: Site) -> None:
             "alice",
             "--auth-password",
             ALICE_PASSWORD,
+            "--to",
+            f"carol@{DOMAIN}",
         ],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
     assert result.returncode != 0
     assert "235" not in result.stdout

@@ -52,7 +52,9 @@ from pigeon.config.validate import (
 from pigeon.tables.file import TableFileError, load_table_file
 
 PROC_TABLE_DIRS = ("/usr/libexec/opensmtpd", "/usr/local/libexec/smtpd", "/usr/lib/pigeon")
-BUILTIN_BACKENDS = frozenset(("static", "file", "db", "getpwnam", "proc", "sqlite"))
+BUILTIN_BACKENDS = frozenset(
+    ("static", "file", "db", "getpwnam", "proc", "proc-exec", "sqlite", "redis", "postgres")
+)
 TAG_SIZE = 32
 MAX_BOUNCE_WARN = 4
 
@@ -284,6 +286,34 @@ class Builder:
             found[str(kw)] = str(value)
         return found
 
+    def _proc_extensions(self, trees: list[Any], params: dict[str, str]) -> dict[str, Any]:
+        """The Pigeon-only ``protocol`` and ``timeout`` options of a proc or proc-exec."""
+        from pigeon.protocol.filterproto import SUPPORTED_VERSIONS
+
+        def token(keyword: str) -> Token:
+            for tree in trees:
+                kw, value = tree.children
+                if str(kw) == keyword:
+                    assert isinstance(value, Token)
+                    return value
+            raise AssertionError(keyword)  # pragma: no cover
+
+        out: dict[str, Any] = {}
+        if "protocol" in params:
+            if params["protocol"] not in SUPPORTED_VERSIONS:
+                versions = ", ".join(SUPPORTED_VERSIONS)
+                raise self.fail(
+                    token("protocol"), f"unsupported filter protocol (use {versions})"
+                )
+            out["protocol"] = params["protocol"]
+        if "timeout" in params:
+            text = params["timeout"]
+            seconds = int(text) if text.isdigit() else parse_delay(text)
+            if seconds is None or seconds <= 0:
+                raise self.fail(token("timeout"), f"invalid timeout: {params['timeout']}")
+            out["timeout"] = seconds
+        return out
+
     def _st_proc(self, t: Tree[Token]) -> None:
         name, command = t.children[1], t.children[2]
         assert isinstance(name, Token) and isinstance(command, Token)
@@ -297,6 +327,7 @@ class Builder:
             params.get("group"),
             params.get("chroot"),
             self.line(name),
+            **self._proc_extensions(_children(t)[3:], params),
         )
 
     def _st_queue_compression(self, t: Tree[Token]) -> None:
@@ -471,6 +502,18 @@ class Builder:
                 spec, f"invalid configuration file {config} for table {name}: no such file"
             )
 
+    def _st_table_proc_exec(self, t: Tree[Token]) -> None:
+        """Pigeon: ``table NAME proc-exec "command line"`` runs the command as a proc table."""
+        name, command = t.children[1], t.children[3]
+        assert isinstance(name, Token) and isinstance(command, Token)
+        if not str(command).strip():
+            raise self.fail(command, f"empty command for table {name}")
+        tok = self.tok(name)
+        decl = TableDecl(
+            str(name), "proc-exec", str(command), "dynamic", file=tok.file, line=tok.line
+        )
+        self._declare_table(name, decl)
+
     def _tables(self, tree: Tree[Token]) -> TableRef:
         first = tree.children[0]
         assert isinstance(first, Token)
@@ -571,6 +614,22 @@ class Builder:
             raise self.fail(proc, f"no processor exist with that name: {proc}")
         self.filters[fname] = Filter(fname, "proc", proc=str(proc), line=self.line(name))
 
+    def _st_filter_rspamd(self, t: Tree[Token]) -> None:
+        # Pigeon extension: the in-process rspamd filter (docs/rspamd.md).
+        from pigeon.filters.rspamd_builtin import settings_from_words
+
+        name, kind = t.children[1], t.children[2]
+        assert isinstance(name, Token) and isinstance(kind, Token)
+        if str(kind) != "rspamd":
+            raise self.fail(kind, f"syntax error: unknown filter kind {kind}")
+        fname = self._new_filter_name(name)
+        words = tuple(str(w.children[0]) for w in _children(t)[3:])
+        try:
+            settings_from_words(words)
+        except ValueError as exc:
+            raise self.fail(kind, f"rspamd filter {fname}: {exc}") from None
+        self.filters[fname] = Filter(fname, "rspamd", options=words, line=self.line(name))
+
     def _st_filter_proc_exec(self, t: Tree[Token]) -> None:
         name, command = t.children[1], t.children[3]
         assert isinstance(name, Token) and isinstance(command, Token)
@@ -591,7 +650,13 @@ class Builder:
             line=line,
         )
         self.procs[fname] = Proc(
-            fname, str(command), params.get("user"), params.get("group"), params.get("chroot"), line
+            fname,
+            str(command),
+            params.get("user"),
+            params.get("group"),
+            params.get("chroot"),
+            line,
+            **self._proc_extensions(_children(t)[4:], params),
         )
 
     def _st_filter_chain(self, t: Tree[Token]) -> None:

@@ -8,8 +8,10 @@ The rules are subtle and users depend on them, so they are copied on purpose:
 * a word made only of digits (optionally after ``-``) is a NUMBER when followed by
   whitespace, ``)``, ``,``, ``/``, ``}``, ``=`` or the end of input; ``35M`` is a word;
 * a word that is a keyword is that keyword; quoting makes it a plain string;
-* inside quotes, ``\\`` before the quote character, a space or a tab is dropped, ``\\`` before a
-  newline continues the line, any other backslash is kept (regexes survive unchanged);
+* inside quotes, ``\\`` before the quote character is dropped, ``\\`` before a newline
+  continues the line, any other backslash is kept (regexes survive unchanged). parse.y means
+  to drop it before a space or a tab too, but tests the backslash instead of the next
+  character, so ``"a\\ b"`` keeps its backslash in OpenSMTPD: so it does here;
 * outside quotes, ``\\`` + newline joins lines and ``\\`` + any other character yields that
   character without the backslash;
 * ``$name`` at the start of a token is replaced by the macro value, which is lexed again
@@ -31,9 +33,9 @@ KEYWORDS: frozenset[str] = frozenset(
     expand-only fcrdns filter for forward-only from group helo helo-src host hostname
     hostnames include inet4 inet6 junk key limit listen lmtp local mail-from maildir mask-src
     masquerade match max-deferred max-message-size mbox mda mta mx no-dsn no-verify noop on
-    phase pki port proc proc-exec protocols proxy-v2 queue quit rcpt-to rdns received-auth
+    phase pki port proc proc-exec protocol protocols proxy-v2 queue quit rcpt-to rdns received-auth
     recipient regex reject relay report rewrite rset scheduler senders smtp smtp-in smtp-out
-    smtps socket src srs sub-addr-delim table tag tagged tls tls-require ttl user userbase
+    smtps socket src srs sub-addr-delim table tag tagged timeout tls tls-require ttl user userbase
     verify virtual warn-interval wrapper""".split()  # noqa: SIM905
 )
 
@@ -111,10 +113,19 @@ class Lexer:
     """Produces tokens from a stack of files; the parser pushes included files and defines
     macros between statements, which the lexer sees immediately (it is lazy)."""
 
-    def __init__(self, name: str, text: str, macro: Callable[[str], str | None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        text: str,
+        macro: Callable[[str], str | None],
+        *,
+        expanding: bool = False,
+    ) -> None:
         self._stack: list[_Source] = [_Source(name, text)]
         self._macro = macro
         self._pending: list[Tok] = []
+        # lexing a macro value: a "$" there is a plain character, as in parse.y
+        self._expanding = expanding
 
     def push_file(self, name: str, text: str) -> None:
         self._stack.append(_Source(name, text))
@@ -182,7 +193,7 @@ class Lexer:
                 return None
             src.eof_reached = True
             return Tok("NL", "\n", src.name, line, col)
-        if c == "$":
+        if c == "$" and not self._expanding:
             return self._macro_tokens(src, line, col)
         if c in ("'", '"'):
             return self._quoted(src, line, col)
@@ -272,7 +283,7 @@ class Lexer:
                 nxt = src.peek()
                 if not nxt:
                     continue
-                if nxt in (quote, " ", "\t"):
+                if nxt == quote:
                     src.advance()
                     c = nxt
                 elif nxt == "\n":
@@ -298,7 +309,7 @@ class Lexer:
             return self._error(src, line, col, f"macro '{name}' not defined")
         # The value is lexed on its own, without macro expansion, and every token it yields
         # is placed where the ``$`` was.
-        sub = Lexer(src.name, value, lambda _n: None)
+        sub = Lexer(src.name, value, lambda _n: None, expanding=True)
         sub._stack[0].eof_reached = True  # no NL at the end of a macro value
         for tok in sub.tokens():
             if tok.type == "NL":

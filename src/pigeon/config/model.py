@@ -182,7 +182,7 @@ class BuiltinFilter:
 @dataclass(frozen=True)
 class Filter:
     name: str
-    kind: Literal["proc", "proc-exec", "builtin", "chain"]
+    kind: Literal["proc", "proc-exec", "builtin", "chain", "rspamd"]
     proc: str | None = None  # the proc name (proc) or the filter's own name (proc-exec)
     command: str | None = None  # proc-exec command
     user: str | None = None
@@ -191,6 +191,7 @@ class Filter:
     chain: tuple[str, ...] = ()
     builtin: BuiltinFilter | None = None
     anonymous: bool = False  # an inline `filter { a, b }` chain
+    options: tuple[str, ...] = ()  # `filter NAME rspamd WORDS...` (Pigeon extension)
     line: int = 0
 
 
@@ -202,6 +203,9 @@ class Proc:
     group: str | None = None
     chroot: str | None = None
     line: int = 0
+    # Pigeon extensions (`protocol "0.6"`, `timeout 30s`): see docs/filters.md.
+    protocol: str | None = None  # filter protocol version spoken with this process
+    timeout: int | None = None  # seconds a filter may take to answer one request
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ def _syntax_message(stmt: Statement, bad: Tok | None, expected: set[str]) -> str
         message = "syntax error: unexpected end of line"
     else:
         shown = bad.value if bad.type != "STRING" or not bad.quoted else f'"{bad.value}"'
+        if bad.type == "CHAR" and not shown.isprintable():
+            shown = repr(shown)[1:-1]  # a stray control character, e.g. "\r", made visible
         message = (
             f'syntax error: unexpected "{shown}"'
             if not bad.quoted
@@ -150,6 +152,8 @@ def _hint(stmt: Statement, bad: Tok | None, expected: set[str]) -> str | None:
             return f'"{bad.value}" is not allowed in phase commit'
         if bad.type in _FILTER_CONDITIONS and "MATCH" in types[: stmt.tokens.index(bad)]:
             return "a builtin filter takes exactly one condition"
+    if bad is not None and bad.type == "CHAR" and bad.value == "\r":
+        return "the file has DOS line endings: convert it to Unix ones"
     if bad is not None and bad.type == "CHAR" and bad.value in "/@~*.[":
         return "a value starting with this character must be quoted"
     return None

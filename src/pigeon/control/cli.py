@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -19,7 +20,22 @@ match from any for local action "local"
 """
 
 # smtpctl verbs forwarded to the daemon as they are.
-CONTROL_VERBS = ("show", "schedule", "remove", "pause", "resume", "log", "monitor", "stop")
+CONTROL_VERBS = (
+    "show",
+    "schedule",
+    "remove",
+    "pause",
+    "resume",
+    "log",
+    "monitor",
+    "stop",
+    "trace",
+    "untrace",
+    "reload",
+    "update",
+)
+# Verbs handled here rather than by the daemon (never taken for an abbreviation).
+LOCAL_VERBS = ("run", "check", "srs", "encrypt", "sendmail", "makemap")
 
 
 def default_spool() -> Path:
@@ -34,7 +50,7 @@ def default_spool() -> Path:
 def _macros(values: list[str] | None) -> dict[str, str]:
     out = {}
     for item in values or []:
-        name, sep, value = item.partition("=")
+        name, sep, value = item.rpartition("=")  # the last "=", as smtpd's cmdline_symset
         if not sep or not name:
             raise SystemExit(f"pigeon: -D expects name=value, got {item!r}")
         out[name] = value
@@ -71,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
         help="DNS server for MX lookups (default: /etc/resolv.conf)",
     )
     p.add_argument("--mx-port", type=int, default=25, help="port used toward MX hosts")
+    p.add_argument(
+        "--user",
+        default=None,
+        metavar="NAME",
+        help="started as root, run as this user (default: _pigeon)",
+    )
+    p.add_argument(
+        "--log",
+        dest="log_target",
+        choices=["stderr", "syslog"],
+        default=None,
+        help="where log lines go (default: stderr with -d, syslog otherwise)",
+    )
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log line format"
+    )
     spool_opt(p)
 
     for verb in CONTROL_VERBS:
@@ -80,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         spool_opt(p)
     sub.add_parser("srs", help="encode or decode SRS addresses (pigeon srs --help)")
     sub.add_parser("encrypt", help="hash a password for a credentials table, as smtpctl encrypt")
+    sub.add_parser("makemap", help="build a db: table file, as makemap(8)")
+    sub.add_parser("sendmail", help="submit a message, as sendmail(8) (pigeon sendmail -t < msg)")
     return parser
 
 
@@ -144,17 +178,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.file}: {exc.strerror}", file=sys.stderr)
         return 1
+    from pigeon import privsep
+
     spool = (args.spool or default_spool()).absolute()
     spool.mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        run_as, warning = privsep.resolve_run_as(args.user)
+    except privsep.PrivsepError as exc:
+        print(f"pigeon: {exc}", file=sys.stderr)
+        return 1
     if not args.foreground:
         _daemonize()
-    setup_logging(foreground=args.foreground, verbose=args.verbose, spool=spool)
+    setup_logging(
+        foreground=args.foreground,
+        verbose=args.verbose,
+        spool=spool,
+        target=args.log_target,
+        fmt=args.log_format,
+    )
+    if warning:
+        logging.getLogger("pigeon").warning("%s", warning)
     _raise_nofile()
+    helper = None
+    if run_as is not None:
+        privsep.set_run_as(run_as)
+        privsep.give_spool(spool, run_as)
+        helper = privsep.start_helper()  # before the event loop and any thread
     options = DaemonOptions(
         spool=spool,
         paused=frozenset(args.paused or ()),
         dns=_dns_settings(args.resolver),
         mx_port=args.mx_port,
+        config_file=str(Path(args.file).absolute()) if args.file else None,
+        macros=_macros(args.macros),
+        local_delivery=helper.deliver if helper is not None else None,
     )
 
     async def main() -> int:
@@ -168,11 +225,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         except QueueLocked as exc:
             print(f"pigeon: {exc}", file=sys.stderr)
             return 1
+        except TLSConfigError as exc:  # e.g. a pki key that does not match its certificate
+            print(f"pigeon: {exc}", file=sys.stderr)
+            await daemon.shutdown()
+            return 1
         except OSError as exc:
             print(f"pigeon: cannot start: {exc}", file=sys.stderr)
             await daemon.shutdown()
             return 1
-        await daemon.serve_forever()
+        if run_as is not None:  # ports bound, keys read: root is no longer needed here
+            try:
+                privsep.drop_privileges(run_as, spool)
+            except (OSError, privsep.PrivsepError) as exc:
+                print(f"pigeon: cannot drop privileges: {exc}", file=sys.stderr)
+                await daemon.shutdown()
+                return 1
+        try:
+            await daemon.serve_forever()
+        finally:
+            if helper is not None:
+                helper.close()
         return 0
 
     return _run_loop(main())
@@ -244,9 +316,15 @@ def control_request(spool: Path, words: list[str], timeout: float = 30.0) -> dic
 
 
 def cmd_control(args: argparse.Namespace) -> int:
+    from pigeon.control.grammar import Ambiguous, expand
+
     spool = args.spool or default_spool()
-    words = [args.verb, *args.words]
-    if args.verb == "monitor":
+    try:  # smtpctl accepts unambiguous prefixes ("sh q") and lists the choices otherwise
+        words = expand([args.verb, *args.words])
+    except Ambiguous as exc:
+        print("possibilities are:\n" + "\n".join(exc.possibilities), file=sys.stderr)
+        return 255
+    if words[0] == "monitor":
         return _monitor(spool)
     try:
         response = control_request(spool, words)
@@ -321,7 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         from pigeon.crypt_hash import encrypt_main
 
         return encrypt_main(argv[1:])
-    if argv[:1] and argv[0] in CONTROL_VERBS:
+    if argv[:1] == ["makemap"]:
+        from pigeon.makemap import makemap_main
+
+        return makemap_main(argv[1:])
+    if argv[:1] == ["sendmail"]:
+        from pigeon.sendmail import sendmail_main
+
+        return sendmail_main(argv[1:])
+    if argv[:1] and argv[0] not in LOCAL_VERBS and not argv[0].startswith("-"):
         return cmd_control(_control_args(argv))
     parser = _parser()
     args = parser.parse_args(argv)

@@ -38,6 +38,8 @@ COMMANDS: tuple[tuple[str, ...], ...] = (
     ("trace", "<subsystem>"),
     ("untrace", "<subsystem>"),
     ("stop",),
+    ("update", "table", "<name>"),
+    ("reload",),  # Pigeon extension
     ("encrypt", "[<string>]"),
 )
 

@@ -151,7 +151,7 @@ class ProcessSupervisor:
     async def _supervise(self) -> None:
         delay = self.backoff_initial
         while not self._stopping:
-            started = time.monotonic()
+            self._ready_since: float | None = None
             reason = await self._run_once()
             self.ready.clear()
             self._channel = None
@@ -159,11 +159,9 @@ class ProcessSupervisor:
             if self._stopping:
                 return
             self._on_down(reason)
-            if time.monotonic() - started > 60:
-                delay = self.backoff_initial  # it ran fine for a while: not a crash loop
-            log.warning(
-                "warn: %s: %s, restarting in %.1fs", self.spec.name, reason, delay
-            )
+            if self._ready_since is not None and time.monotonic() - self._ready_since >= 2:
+                delay = self.backoff_initial  # it served for a while: not a crash loop
+            log.warning("warn: %s: %s, restarting in %.1fs", self.spec.name, reason, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
             self.restarts += 1
@@ -182,6 +180,7 @@ class ProcessSupervisor:
         self._channel = channel
         self.generation += 1
         self._broken = asyncio.Event()
+        self._ready_since = time.monotonic()
         self.ready.set()
         log.info("info: %s: filter process ready (pid %s)", self.spec.name, self._pid())
         return await self._read_loop(channel)
@@ -191,9 +190,7 @@ class ProcessSupervisor:
         try:
             while True:
                 reading = asyncio.ensure_future(channel.read_line())
-                done, _ = await asyncio.wait(
-                    {reading, broken}, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait({reading, broken}, return_when=asyncio.FIRST_COMPLETED)
                 if broken in done:
                     reading.cancel()
                     return getattr(self, "_broken_reason", "protocol error")

@@ -42,6 +42,12 @@ INTROS = {
         "This is the MAILER-DAEMON, please DO NOT REPLY to this email.\r\n\r\n"
         "Your message was successfully delivered to these recipients.\r\n"
     ),
+    "relayed": (
+        "Hi!\r\n\r\n"
+        "This is the MAILER-DAEMON, please DO NOT REPLY to this email.\r\n\r\n"
+        "Your message was relayed to these recipients, to a server that does not\r\n"
+        "report their delivery: no further notification is to be expected.\r\n"
+    ),
 }
 
 OUTROS = {
@@ -64,6 +70,8 @@ def status_code(line: str, kind: str) -> str:
     m = _ENHANCED.match(line)
     if m:
         return m.group(1)
+    if line.startswith("Envelope expired"):
+        return "4.4.7"  # delivery time expired (RFC 3463), with Action: failed
     if kind == "delivered":
         return "2.0.0"
     if kind == "delayed":
@@ -129,7 +137,7 @@ def build_report(
             report.append(f"Last-Attempt-Date: {formatdate(env.last_try)}")
         if kind == "delayed" and expires_at:
             report.append(f"Will-Retry-Until: {formatdate(expires_at)}")
-    headers_only = first.dsn_ret.upper() == "HDRS" or kind in ("delayed", "delivered")
+    headers_only = first.dsn_ret.upper() == "HDRS" or kind in ("delayed", "delivered", "relayed")
     if headers_only:
         attached_type = "text/rfc822-headers"
         attached = header_part(original)

@@ -1,8 +1,9 @@
 """The offline queue: mail submitted with ``sendmail`` while the daemon is down.
 
 Each file in ``<spool>/offline/`` holds one submission: a JSON line with the envelope, then
-the message bytes. The directory is ``1733`` (anyone may drop a file, nobody may list or
-touch another user's) like OpenSMTPD's; files are ``0600``, owned by the submitting user,
+the message bytes. The directory is ``3733`` (anyone may drop a file, nobody may list or
+touch another user's; files inherit the daemon's group) like OpenSMTPD's ``1733`` plus its
+setgid ``_smtpq`` trick; files are ``0640``, owned by the submitting user,
 fsync'd (file and directory) before ``sendmail`` reports success. The daemon picks them up
 at start and every few seconds while running, and removes a file only once the mail is
 queued.
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OFFLINE_DIR = "offline"
-DIR_MODE = 0o1733
-FILE_MODE = 0o600
+# Sticky (no one removes another's file) and setgid (files get the daemon's group, so a
+# daemon that dropped root can still read them; other users cannot).
+DIR_MODE = 0o3733
+FILE_MODE = 0o640
 MAX_HEADER = 1024 * 1024
 
 

@@ -1,4 +1,5 @@
-"""Pigeon SDK: write OpenSMTPD-compatible proc filters in Python (see pigeon.sdk.filter)."""
+"""Pigeon SDK: write OpenSMTPD-compatible proc filters in Python (see pigeon.sdk.filter)
+and proc tables (see pigeon.sdk.table)."""
 
 from pigeon.sdk.filter import (
     Decision,
@@ -12,12 +13,15 @@ from pigeon.sdk.filter import (
     report,
     rewrite,
 )
+from pigeon.sdk.table import Table, TableFailure
 
 __all__ = [
     "Decision",
     "Filter",
     "MessageResult",
     "Session",
+    "Table",
+    "TableFailure",
     "disconnect",
     "junk",
     "proceed",

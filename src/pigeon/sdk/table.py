@@ -32,8 +32,9 @@ lower-cased by the MTA (the password half of an ``auth`` key keeps its case in P
 
 from __future__ import annotations
 
+import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO, TypeVar
 
 from pigeon.protocol.tableproto import (
@@ -52,6 +53,22 @@ from pigeon.protocol.tableproto import (
 
 __all__ = ["Table", "TableFailure"]
 
+# smtpd's order of the services (table_service_name), used for the register lines.
+SERVICE_ORDER = (
+    "alias",
+    "domain",
+    "credentials",
+    "netaddr",
+    "userinfo",
+    "source",
+    "mailaddr",
+    "addrname",
+    "mailaddrmap",
+    "relayhost",
+    "string",
+    "regex",
+    "auth",
+)
 LookupHandler = Callable[[str], "str | None"]
 CheckHandler = Callable[[str], bool]
 FetchHandler = Callable[[], "str | None"]
@@ -102,8 +119,9 @@ class Table:
         return decorate
 
     def services(self) -> list[str]:
-        """The services this table registers, sorted."""
-        return sorted(set(self._lookups) | set(self._checks) | set(self._fetches))
+        """The services this table registers, in smtpd's service order."""
+        handled = set(self._lookups) | set(self._checks) | set(self._fetches)
+        return [s for s in SERVICE_ORDER if s in handled]
 
     # ------------------------------------------------------------------ protocol
 
@@ -111,7 +129,14 @@ class Table:
         """Serve on stdin/stdout until the MTA closes the connection."""
         if not self.services():
             raise ValueError("a table needs at least one handler")
-        self.serve(sys.stdin, sys.stdout)
+        # UTF-8 whatever the locale; undecodable bytes survive the round trip.
+        rfile = io.TextIOWrapper(
+            sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="\n"
+        )
+        wfile = io.TextIOWrapper(
+            sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="\n"
+        )
+        self.serve(rfile, wfile)
 
     def serve(self, rfile: TextIO, wfile: TextIO) -> None:
         """Handshake, then answer one request per line, in order, until end of file."""
@@ -174,24 +199,10 @@ class Table:
             return _error(op, rid, None)
 
 
-def _lines(rfile: TextIO) -> list[str] | _LineIter:
-    return _LineIter(rfile)
-
-
-class _LineIter:
+def _lines(rfile: TextIO) -> Iterator[str]:
     """Lines without their newline, read one at a time (never ahead: answers stay prompt)."""
-
-    def __init__(self, rfile: TextIO) -> None:
-        self._rfile = rfile
-
-    def __iter__(self) -> _LineIter:
-        return self
-
-    def __next__(self) -> str:
-        line = self._rfile.readline()
-        if not line:
-            raise StopIteration
-        return line.rstrip("\n")
+    for raw in iter(rfile.readline, ""):
+        yield raw.rstrip("\n")
 
 
 def _found(op: TableOp, rid: str, value: str | None) -> TableResult:

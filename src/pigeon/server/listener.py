@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from pigeon.protocol.server import ServerConfig
 
 if TYPE_CHECKING:
+    from pigeon.filters.chain import FilterChain
     from pigeon.server.services import Services
 
 BACKLOG = 4096  # OpenSMTPD's backlog of 5 collapses under reconnect storms (perf-anchors.md)
@@ -42,6 +43,8 @@ class ListenerRuntime:
     max_message_size: int = 36700160
     max_rcpt: int = 1000
     max_mails: int = 100
+    # `listen on ... filter NAME`: the chain every session of this listener goes through.
+    filter_chain: FilterChain | None = None
 
     def server_config(self, *, tls_active: bool) -> ServerConfig:
         return ServerConfig(

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
+from pigeon import metrics
 from pigeon.errors import SMTPError
+from pigeon.filters.smtp import FilterConnect, SessionFilters
 from pigeon.protocol import server as proto
 from pigeon.protocol.replies import Reply
 from pigeon.queue.envelope import (
@@ -119,6 +121,7 @@ class SMTPSession(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.closed = False
         self.messages = 0
+        self.filters: SessionFilters | None = None  # set when the listener has a filter chain
 
     # ------------------------------------------------------------------ transport events
 
@@ -136,6 +139,9 @@ class SMTPSession(asyncio.Protocol):
         self.rdns = "localhost" if self.local or not self.peer_ip else self.peer_ip
         self.services.sessions.add(self)
         self.services.stats.incr("smtp.session")
+        family = "local" if not self.peer_ip else ("inet6" if ":" in self.peer_ip else "inet4")
+        self.services.stats.incr(f"smtp.session.{family}")  # smtpctl's per-family totals
+        metrics.count("smtp_sessions")
         host = self.peer_ip or "local"
         log.info("%s smtp connected address=%s host=%s", self.id, host, self.rdns)
         if self.services.smtp_paused:
@@ -153,6 +159,12 @@ class SMTPSession(asyncio.Protocol):
         )
         if self.listener.smtps:
             self.tls_info = self._tls_description()
+        if self.listener.filter_chain is not None:
+            # The connect phase decides the banner: greet from a task (reading paused).
+            self.filters = SessionFilters(self, self.listener.filter_chain)
+            transport.pause_reading()
+            self.task = asyncio.get_running_loop().create_task(self._run(FilterConnect()))
+            return
         self.conn.greeting()
         self._flush()
 
@@ -177,10 +189,14 @@ class SMTPSession(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
         self._abort_transaction()
+        if self.filters is not None:
+            self.filters.close()
         log.info("%s smtp disconnected reason=%s", self.id, "quit" if exc is None else "io-error")
 
     def timeout(self) -> None:
         """Called by the daemon's sweeper when the session sat idle too long."""
+        if self.filters is not None:
+            self.filters.timeout()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(Reply(421, "Session timed out", "4.4.2").to_bytes())
             self.transport.close()
@@ -194,6 +210,8 @@ class SMTPSession(asyncio.Protocol):
         out = self.conn.data_to_send()
         if out and not self.transport.is_closing():
             self.transport.write(out)
+            if self.filters is not None:
+                self.filters.server_output(out)
         if self.conn.closed and not self.transport.is_closing():
             self.transport.close()
 
@@ -237,6 +255,8 @@ class SMTPSession(asyncio.Protocol):
     def _handle_sync(self, event: object) -> bool:
         conn = self.conn
         assert conn is not None
+        if self.filters is not None and not self.filters.observe(event):
+            return False  # filters are asked first, from a task
         if isinstance(event, proto.Helo):
             self.helo = event.name
             self.esmtp = event.extended
@@ -268,6 +288,12 @@ class SMTPSession(asyncio.Protocol):
         return True
 
     async def _handle_async(self, event: object) -> None:
+        if self.filters is not None:
+            await self.filters.handle(event)  # the filter phase, then _dispatch_async
+            return
+        await self._dispatch_async(event)
+
+    async def _dispatch_async(self, event: object) -> None:
         conn = self.conn
         assert conn is not None
         if isinstance(event, proto.MailFrom):
@@ -291,6 +317,7 @@ class SMTPSession(asyncio.Protocol):
         self._abort_transaction()
         msgid = self.services.store.reserve_msgid()
         self.txn = Transaction(msgid=msgid, sender=event.address, mail_params=event.params)
+        metrics.count("smtp_transactions")
         conn.accept(Reply(250, "Ok", "2.0.0"))
 
     async def _check_sender(self, event: proto.MailFrom) -> None:
@@ -441,6 +468,11 @@ class SMTPSession(asyncio.Protocol):
             self._abort_transaction()
             return
         message = self._build_message(txn)
+        if self.filters is not None:
+            filtered = await self.filters.message(txn, message)
+            if filtered is None:
+                return  # a filter refused it and answered the client
+            message = filtered
         self.txn = None
         try:
             await self.services.store.commit(txn.msgid, message, txn.envelopes)
@@ -472,6 +504,8 @@ class SMTPSession(asyncio.Protocol):
                 env.dest,
             )
         self.services.accepted(txn.envelopes)
+        metrics.count("messages_accepted")
+        metrics.count("recipients_accepted", len(txn.envelopes))
         conn.accept(Reply(250, f"{mid} Message accepted for delivery", "2.0.0"))
 
     async def _starttls(self) -> None:
@@ -507,7 +541,10 @@ class SMTPSession(asyncio.Protocol):
         if cipher is None:
             return None
         name, version, bits = cipher
-        return f"{version}:{name}:{bits}:NO"
+        # getpeercert() is non-empty only for a client certificate that was verified (the
+        # listener's `verify`); without `verify` none is asked for: OpenSMTPD's YES/NO.
+        verified = "YES" if obj.getpeercert() else "NO"
+        return f"{version}:{name}:{bits}:{verified}"
 
     async def _auth(self, event: proto.AuthCredentials) -> None:
         conn = self.conn
@@ -537,3 +574,8 @@ class SMTPSession(asyncio.Protocol):
 
     def _log_failed(self, command: str, reply: Reply) -> None:
         log.info('%s smtp failed-command command="%s" result="%s"', self.id, command, str(reply))
+        metrics.count(
+            "smtp_rejected",
+            command=metrics.command_label(command),
+            reason=metrics.reject_reason(reply.code, reply.enhanced),
+        )

@@ -7,10 +7,13 @@ Every key is lower-cased here, once, before any backend sees it (as OpenSMTPD's
 from __future__ import annotations
 
 import enum
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from pigeon.config.model import Config, TableDecl, TableRef
+
+log = logging.getLogger("pigeon.tables")
 
 
 class Service(enum.Enum):
@@ -62,6 +65,12 @@ class Table(ABC):
     async def update(self) -> None:  # noqa: B027 - optional for backends
         """Reload from the source (``smtpctl update table``); no-op for inline tables."""
 
+    async def start(self) -> None:  # noqa: B027 - optional for backends
+        """Open connections / start processes now (the daemon calls it at startup)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends
+        """Release processes, connections and files (the daemon calls it at exit)."""
+
     @abstractmethod
     def services(self) -> frozenset[Service]: ...
 
@@ -82,23 +91,70 @@ def open_tables(
     config: Config, backends: Mapping[str, TableFactory] | None = None
 ) -> dict[str, Table]:
     """Open every named table of ``config``. ``backends`` adds or overrides backend
-    factories by name (e.g. ``proc``, ``sqlite``); a backend nobody provides raises
-    TableError."""
+    factories by name. Built-in backends: static/file, getpwnam, db, sqlite, redis,
+    postgres, proc, proc-exec; any other backend ``X`` is a proc table running ``table-X``
+    (TableError if no such program)."""
     from pigeon.tables.static import GetpwnamTable, static_from_decl
 
     factories: dict[str, TableFactory] = {
         "static": static_from_decl,
         "getpwnam": lambda decl, _c: GetpwnamTable(decl.name),
+        **BUILTIN_FACTORIES,
     }
     factories.update(backends or {})
     tables: dict[str, Table] = {}
     for name, decl in config.tables.items():
-        factory = factories.get(decl.backend)
-        if factory is None:
-            raise TableError(f'table "{name}": backend "{decl.backend}" is not available')
+        # Built-in names take precedence; any other backend X runs the program table-X.
+        factory = factories.get(decl.backend, factories["proc"])
         tables[name] = factory(decl, config)
     tables.setdefault("<getpwnam>", GetpwnamTable("<getpwnam>"))
     return tables
+
+
+def _lazy(module: str, function: str) -> TableFactory:
+    """A factory imported on first use: redis/psycopg load only if a config uses them."""
+
+    def factory(decl: TableDecl, config: Config) -> Table:
+        import importlib
+
+        made: Table = getattr(importlib.import_module(module), function)(decl, config)
+        return made
+
+    return factory
+
+
+BUILTIN_FACTORIES: dict[str, TableFactory] = {
+    "db": _lazy("pigeon.tables.db", "db_from_decl"),
+    "sqlite": _lazy("pigeon.tables.sqlite", "sqlite_from_decl"),
+    "redis": _lazy("pigeon.tables.redis", "redis_from_decl"),
+    "postgres": _lazy("pigeon.tables.postgres", "postgres_from_decl"),
+    "proc": _lazy("pigeon.tables.proc", "proc_from_decl"),
+    "proc-exec": _lazy("pigeon.tables.proc", "proc_from_decl"),
+}
+
+
+async def start_tables(tables: Iterable[Table]) -> None:
+    """Start every table (proc tables handshake, so their services are known); a table that
+    fails to start is logged and retried on its first lookup."""
+    for table in tables:
+        try:
+            await table.start()
+        except TableError as exc:
+            log.warning("warn: %s", exc)
+
+
+async def close_tables(tables: Iterable[Table]) -> None:
+    for table in tables:
+        try:
+            await table.close()
+        except Exception as exc:  # closing must go on for the other tables
+            log.warning("warn: table %s: close failed: %s", table.name, exc)
+
+
+async def update_table(table: Table) -> None:
+    """``pigeon update table NAME``: reload ``table`` (TableError if it failed)."""
+    await table.update()
+    log.info("info: table %s updated", table.name)
 
 
 class TableResolver:

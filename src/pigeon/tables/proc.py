@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pigeon.config.builder import PROC_TABLE_DIRS  # OpenSMTPD's add-on dirs, then Pigeon's
 from pigeon.config.model import Config, TableDecl
 from pigeon.protocol.tableproto import (
     TableOp,
@@ -50,13 +51,6 @@ from pigeon.tables.base import Service, Table, TableError
 
 log = logging.getLogger("pigeon.tables")
 
-# Where ``table-BACKEND`` programs are searched, in order: OpenSMTPD's libexec directories
-# (Debian, then the portable default) and Pigeon's own.
-PROC_TABLE_DIRS: tuple[str, ...] = (
-    "/usr/libexec/opensmtpd",
-    "/usr/local/libexec/smtpd",
-    "/usr/lib/pigeon",
-)
 SMTPD_VERSION = "7.6.0"  # what we announce in config|smtpd-version: the protocol we follow
 REQUEST_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
@@ -100,8 +94,10 @@ def command_for(decl: TableDecl, dirs: Sequence[str] = PROC_TABLE_DIRS) -> ProcC
             raise TableError(f"table {decl.name}: proc-exec needs a command line")
         return ProcCommand(("/bin/sh", "-c", decl.config), "/bin/sh")
     if decl.backend == "proc":
-        if not decl.config:
-            raise TableError(f"table {decl.name}: proc needs a program path")
+        if not decl.config or not os.access(decl.config, os.X_OK):
+            raise TableError(
+                f'table {decl.name}: backend "proc": no executable program {decl.config}'
+            )
         return ProcCommand((decl.name,), decl.config)
     program = find_table_program(decl.backend, dirs)
     if program is None:

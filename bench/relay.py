@@ -1,0 +1,261 @@
+"""End-to-end relay benchmark: N messages accepted by Pigeon and relayed to a sink.
+
+Usage: python bench/relay.py [-n 3000] [--runs 3] [--concurrency 10]
+
+Each run, in alternation:
+
+* accept only: Pigeon with the MTA paused (``-P mta``) takes N messages over kept-open
+  connections (``--concurrency`` clients); messages/s = N / time to the last 250.
+* end to end: the same load with the MTA running; messages/s = N / time from the first
+  MAIL FROM until a loopback sink has received all N (by smarthost relay, smtp+notls).
+
+Prints the medians and the ratio end-to-end / accept-only. Target: ratio >= 0.8 and at
+least 1,000 messages/s relayed. The sink is a minimal pipelining SMTP server in its own
+process, so it is not what limits the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from accept import (  # noqa: E402 - the accept benchmark's client and helpers
+    BODY,
+    close_session,
+    command,
+    free_port,
+    open_session,
+    raise_nofile,
+    wait_port,
+)
+
+SINK = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    target = int(sys.argv[2])
+    count = 0
+
+    class Sink(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.t = transport
+            self.buf = b""
+            self.data = False
+            transport.write(b"220 sink ESMTP\\r\\n")
+
+        def data_received(self, chunk):
+            global count
+            self.buf += chunk
+            out = []
+            while True:
+                if self.data:
+                    end = self.buf.find(b"\\r\\n.\\r\\n")
+                    if end < 0:
+                        break
+                    self.buf = self.buf[end + 5:]
+                    self.data = False
+                    count += 1
+                    out.append(b"250 2.0.0 Ok\\r\\n")
+                    if count == target:
+                        print(time.time(), flush=True)
+                    continue
+                end = self.buf.find(b"\\r\\n")
+                if end < 0:
+                    break
+                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    out.append(b"250-sink\\r\\n250-PIPELINING\\r\\n250 8BITMIME\\r\\n")
+                elif verb == b"DATA":
+                    self.data = True
+                    self.buf = b"\\r\\n" + self.buf  # the end marker may follow at once
+                    out.append(b"354 go\\r\\n")
+                elif verb == b"QUIT":
+                    out.append(b"221 bye\\r\\n")
+                    self.t.write(b"".join(out))
+                    self.t.close()
+                    return
+                else:
+                    out.append(b"250 2.0.0 Ok\\r\\n")
+            if out:
+                self.t.write(b"".join(out))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Sink, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+        server.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+class Sink:
+    def __init__(self, target: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SINK, str(self.port), str(target)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()
+
+    def wait_all(self, timeout: float) -> float:
+        """Wall-clock time at which the sink had every message."""
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), True)
+        deadline = time.time() + timeout
+        import select
+
+        while time.time() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                return float(self.proc.stdout.readline())
+        raise RuntimeError("the sink did not get every message in time")
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Pigeon:
+    def __init__(self, sink_port: int, *, paused: bool, profile: Path | None = None) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-relay-"))
+        conf = self.dir / "smtpd.conf"
+        conf.write_text(
+            f"listen on 127.0.0.1 port {self.port}\n"
+            f'action "relay" relay host smtp+notls://127.0.0.1:{sink_port}\n'
+            'match from any for domain "sink.test" action "relay"\n'
+        )
+        run = [sys.executable, "-m", "pigeon"]
+        if profile is not None:
+            run = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "pigeon"]
+        args = [*run, "run", "-d", "-f", str(conf), "--spool", str(self.dir / "spool")]
+        if paused:
+            args += ["-P", "mta"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def relay_transaction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await command(reader, writer, b"MAIL FROM:<bench@example.test>\r\n", b"250")
+    await command(reader, writer, b"RCPT TO:<bench@sink.test>\r\n", b"250")
+    await command(reader, writer, b"DATA\r\n", b"354")
+    await command(reader, writer, BODY + b".\r\n", b"250")
+
+
+async def load(port: int, total: int, concurrency: int) -> None:
+    counter = iter(range(total))
+
+    async def worker() -> None:
+        session = None
+        per_session = 0
+        for _ in counter:
+            if session is None:
+                session = await open_session(port)
+            await relay_transaction(*session)
+            per_session += 1
+            if per_session >= 100:  # servers cap mails per session (OpenSMTPD: 100)
+                await close_session(*session)
+                session, per_session = None, 0
+        if session is not None:
+            await close_session(*session)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def accept_only(n: int, concurrency: int) -> float:
+    sink = Sink(n)
+    pigeon = Pigeon(sink.port, paused=True)
+    try:
+        start = time.perf_counter()
+        asyncio.run(load(pigeon.port, n, concurrency))
+        return n / (time.perf_counter() - start)
+    finally:
+        pigeon.stop()
+        sink.stop()
+
+
+def end_to_end(n: int, concurrency: int, profile: Path | None = None) -> tuple[float, float]:
+    """(messages/s to the sink, messages/s accepted) in the same run."""
+    sink = Sink(n)
+    pigeon = Pigeon(sink.port, paused=False, profile=profile)
+    try:
+        start = time.time()
+        asyncio.run(load(pigeon.port, n, concurrency))
+        accepted = time.time()
+        done = sink.wait_all(timeout=max(60.0, n / 50))
+        return n / (done - start), n / (accepted - start)
+    finally:
+        pigeon.stop()
+        sink.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", type=int, default=3000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--profile", type=Path, help="cProfile the daemon of one relay run")
+    args = parser.parse_args()
+    raise_nofile()
+    if args.profile is not None:
+        rate, _ = end_to_end(args.n, args.concurrency, profile=args.profile)
+        print(f"profiled run: {rate:.0f} msg/s relayed; profile in {args.profile}")
+        return
+    accept_rates: list[float] = []
+    relay_rates: list[float] = []
+    for run in range(args.runs):
+        accept_rates.append(accept_only(args.n, args.concurrency))
+        relayed, _ = end_to_end(args.n, args.concurrency)
+        relay_rates.append(relayed)
+        print(
+            f"run {run + 1}: accept-only {accept_rates[-1]:.0f} msg/s, "
+            f"end-to-end {relay_rates[-1]:.0f} msg/s",
+            flush=True,
+        )
+    accept = statistics.median(accept_rates)
+    relay = statistics.median(relay_rates)
+    ratio = relay / accept
+    print(
+        f"\n{args.n} messages, {args.concurrency} clients, medians of {args.runs} runs\n"
+        f"accept only : {accept:8.0f} msg/s\n"
+        f"end to end  : {relay:8.0f} msg/s (accepted and relayed to the sink)\n"
+        f"ratio       : {ratio:8.2f}x  (target >= 0.80x and >= 1000 msg/s: "
+        f"{'met' if ratio >= 0.8 and relay >= 1000 else 'MISSED'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Started as root, Pigeon runs as an unprivileged user; deliveries run as the recipient."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+
+# An account every Debian system has; packaging creates `_pigeon`, which tests must not need.
+RUN_AS = "daemon"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+
+
+def _check_readable() -> None:
+    """The dropped daemon and delivery children import Pigeon from this checkout."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pigeon.delivery.helper, pigeon.daemon"],
+        user=RUN_AS,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            f"user {RUN_AS} cannot run {sys.executable} with this checkout (make the checkout "
+            f"and the venv's interpreter readable by other users): {probe.stderr.strip()}"
+        )
+
+
+class Site:
+    def __init__(self) -> None:
+        self.work = Workdir()
+        self.mail = self.work.mailroot()
+        uid, gid = mail_uid_gid()
+        self.mail_uid = uid
+        users = self.work.path / "users"
+        users.write_text(
+            f"alice {uid}:{gid}:{self.mail / 'alice'}\n"
+            f"mdauser {uid}:{gid}:{self.mail}\n"
+            f"toor 0:0:{self.mail / 'toor'}\n"
+        )
+        self.port = free_port()
+        self.mda_out = self.mail / "mda.out"
+        config = f"""
+table users file:{users}
+listen on 127.0.0.1 port {self.port} hostname mx.privsep.test
+action "local" maildir userbase <users>
+action "mda" mda "id -u > {self.mda_out}; cat >> {self.mda_out}" userbase <users>
+match from any for rcpt-to "mdauser@mx.privsep.test" action "mda"
+match from any for domain "mx.privsep.test" action "local"
+"""
+        self.daemon = PigeonDaemon(self.work.path, config, port=self.port, extra=["--user", RUN_AS])
+        self.user = pwd.getpwnam(RUN_AS)
+
+    def send(self, rcpt: str, body: str = "Subject: privsep\r\n\r\nhello\r\n") -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+            client.sendmail("sender@example.org", [rcpt], body)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    _check_readable()
+    s = Site()
+    s.daemon.start()
+    yield s
+    s.daemon.stop()
+    s.work.cleanup()
+
+
+def _status_ids(pid: int, field: str) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return [int(x) for x in line.split()[1:]]
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_daemon_runs_as_the_unprivileged_user(site: Site) -> None:
+    assert site.daemon.proc is not None
+    pid = site.daemon.proc.pid
+    assert _status_ids(pid, "Uid") == [site.user.pw_uid] * 4
+    assert _status_ids(pid, "Gid") == [site.user.pw_gid] * 4
+    assert _status_ids(pid, "Groups") in ([site.user.pw_gid], [])
+    assert f"running as {RUN_AS}" in site.daemon.log()
+
+
+def test_only_the_helper_keeps_root(site: Site) -> None:
+    assert site.daemon.proc is not None
+    children = _children(site.daemon.proc.pid)
+    root_children = [c for c in children if _status_ids(c, "Uid")[0] == 0]
+    assert len(root_children) == 1, children
+
+
+def test_queue_files_belong_to_the_daemon_user(site: Site) -> None:
+    site.send("alice@mx.privsep.test")
+    wait_for(lambda: maildir_messages(site.mail / "alice" / "Maildir"), what="delivery")
+    owners = {}
+    for root, dirs, files in os.walk(site.daemon.spool):
+        for name in (*dirs, *files):
+            path = os.path.join(root, name)
+            owners[path] = os.lstat(path).st_uid
+    owners[str(site.daemon.spool)] = os.lstat(site.daemon.spool).st_uid
+    assert any(p.endswith(".log") or "/queue/" in p for p in owners), owners
+    assert set(owners.values()) == {site.user.pw_uid}, owners
+
+
+def test_mailbox_files_belong_to_the_recipient(site: Site) -> None:
+    site.send("alice@mx.privsep.test", "Subject: owner\r\n\r\nmine\r\n")
+    maildir = site.mail / "alice" / "Maildir"
+    wait_for(lambda: len(maildir_messages(maildir)) >= 2, what="second delivery")
+    for path in (maildir, *(maildir / "new").iterdir()):
+        assert path.stat().st_uid == site.mail_uid, path
+
+
+def test_mda_runs_as_the_recipient(site: Site) -> None:
+    site.send("mdauser@mx.privsep.test", "Subject: mda\r\n\r\npiped\r\n")
+    wait_for(lambda: site.mda_out.exists() and b"piped" in site.mda_out.read_bytes(), what="mda")
+    assert site.mda_out.read_text().splitlines()[0] == str(site.mail_uid)
+    assert site.mda_out.stat().st_uid == site.mail_uid
+
+
+def test_no_delivery_as_root(site: Site) -> None:
+    site.send("toor@mx.privsep.test")
+    wait_for(lambda: "not allowed to deliver to: toor" in site.daemon.log(), what="refusal")
+    assert not (site.mail / "toor").exists()
+
+
+def test_reload_runs_as_the_daemon_user(site: Site) -> None:
+    result = site.daemon.ctl("reload")
+    assert "reloaded" in result.stdout
+    assert site.daemon.proc is not None
+    assert _status_ids(site.daemon.proc.pid, "Uid")[0] == site.user.pw_uid
+
+
+def test_helper_exits_when_the_daemon_dies(site: Site) -> None:
+    assert site.daemon.proc is not None
+    pid = site.daemon.proc.pid
+    helpers = _children(pid)
+    assert helpers
+    os.kill(pid, signal.SIGKILL)
+    site.daemon.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_state(h) not in ("gone", "Z") for h in helpers):
+        time.sleep(0.05)
+    alive = [h for h in helpers if _state(h) not in ("gone", "Z")]
+    assert not alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
