@@ -56,9 +56,9 @@ proc rsp06 "{rspamd} -url {rspamd_url}" protocol "0.6"
 filter rspamd proc rsp
 filter rspamd06 proc rsp06
 filter dkimsign proc-exec "{dkim} -d example.test -s sel1 -k {self.key}"
-listen on 127.0.0.1 port {self.ports['rspamd']} hostname {HOST} filter rspamd
-listen on 127.0.0.1 port {self.ports['rspamd06']} hostname {HOST} filter rspamd06
-listen on 127.0.0.1 port {self.ports['dkim']} hostname {HOST} filter dkimsign
+listen on 127.0.0.1 port {self.ports["rspamd"]} hostname {HOST} filter rspamd
+listen on 127.0.0.1 port {self.ports["rspamd06"]} hostname {HOST} filter rspamd06
+listen on 127.0.0.1 port {self.ports["dkim"]} hostname {HOST} filter dkimsign
 action "local" maildir junk userbase <users>
 match from any for any action "local"
 """
@@ -103,10 +103,16 @@ def send(site: Site, listener: str, subject: str, body: str) -> None:
         client.sendmail("bob@example.test", [f"alice@{HOST}"], message)
 
 
+# filter-rspamd 0.1.7 joins the lines it sends rspamd without a final newline, and rspamd
+# does not see a test pattern on an unterminated last line: as under OpenSMTPD, the pattern
+# must not be the message's last line.
+TRAILER = "\r\n-- \r\nsent by the compat test"
+
+
 @pytest.mark.parametrize("listener", ["rspamd", "rspamd06"])
 def test_rspamd_gtube_is_rejected_with_550(site: Site, listener: str) -> None:
     with pytest.raises(smtplib.SMTPDataError) as info:
-        send(site, listener, f"gtube-{listener}", GTUBE)
+        send(site, listener, f"gtube-{listener}", GTUBE + TRAILER)
     assert info.value.smtp_code == 550
     assert b"Gtube" in info.value.smtp_error or b"spam" in info.value.smtp_error.lower()
 
@@ -114,7 +120,7 @@ def test_rspamd_gtube_is_rejected_with_550(site: Site, listener: str) -> None:
 @pytest.mark.parametrize("listener", ["rspamd", "rspamd06"])
 def test_rspamd_add_header_delivers_with_x_spam_yes(site: Site, listener: str) -> None:
     subject = f"addheader-{listener}"
-    send(site, listener, subject, GTUBE_ADD_HEADER)
+    send(site, listener, subject, GTUBE_ADD_HEADER + TRAILER)
     message = site.find(subject)
     assert b"X-Spam: yes" in message
     assert site.is_junk(subject)

@@ -44,7 +44,7 @@ LISTENERS = {
     # bypass skips the rest of the chain: fcrdns clients (127.0.0.1 = localhost) are not junked.
     "bypass": (
         "filter trust phase mail-from match fcrdns bypass\n"
-        "filter junk_all phase mail-from match mail-from regex { \".*\" } junk\n"
+        'filter junk_all phase mail-from match mail-from regex { ".*" } junk\n'
         "filter bypass_chain chain { trust, junk_all }",
         "bypass_chain",
     ),
@@ -70,11 +70,14 @@ class Site:
         lines = [f"table users file:{users}"]
         for name, (decl, attach) in LISTENERS.items():
             lines.append(decl)
-            lines.append(f"listen on 127.0.0.1 port {self.ports[name]} hostname {HOST} filter {attach}")
+            lines.append(
+                f"listen on 127.0.0.1 port {self.ports[name]} hostname {HOST} filter {attach}"
+            )
         py = sys.executable
         lines += [
             f'proc recorder "/usr/bin/python3 {BIN / "recorder.py"} {self.record} dataline"',
-            f'proc recorder06 "/usr/bin/python3 {BIN / "recorder.py"} {self.record06}" protocol "0.6"',
+            f'proc recorder06 "/usr/bin/python3 {BIN / "recorder.py"} {self.record06}"'
+            ' protocol "0.6"',
             "filter rec proc recorder",
             "filter rec06 proc recorder06",
             'filter note phase connect match src { "127.0.0.0/8" } report "hello builtin"',
@@ -83,7 +86,7 @@ class Site:
             f'filter stamp proc-exec "{py} {EXAMPLES / "add_header.py"} X-Stamp pigeon"',
             f"listen on 127.0.0.1 port {self.ports['stamp']} hostname {HOST} filter stamp",
             'action "local" maildir junk userbase <users>',
-            "match from any for any action \"local\"",
+            'match from any for any action "local"',
         ]
         port = self.ports["rdns_junk"]
         self.daemon = PigeonDaemon(self.work.path, "\n".join(lines) + "\n", port=port)
@@ -108,8 +111,15 @@ def connect(site: Site, name: str, src: str = "127.0.0.1") -> smtplib.SMTP:
     return smtplib.SMTP("127.0.0.1", site.ports[name], source_address=(src, 0), timeout=15)
 
 
-def deliver(site: Site, name: str, subject: str, *, src: str = "127.0.0.1",
-            sender: str = "sender@example.net", rcpt: str = f"alice@{HOST}") -> bytes:
+def deliver(
+    site: Site,
+    name: str,
+    subject: str,
+    *,
+    src: str = "127.0.0.1",
+    sender: str = "sender@example.net",
+    rcpt: str = f"alice@{HOST}",
+) -> bytes:
     """Send one message and return it as delivered (from new/ or .Junk/new)."""
     with connect(site, name, src) as client:
         client.ehlo("client.example.net")
@@ -227,13 +237,29 @@ def test_proc_filter_sees_reports_requests_and_data_lines(site: Site) -> None:
     assert b"\n.dot\n" in message  # dot-stuffing undone exactly once
     text = site.record.read_text()
     assert "config|protocol|0.7" in text
-    for event in ("link-connect", "link-greeting", "link-identify", "tx-begin", "tx-mail",
-                  "tx-rcpt", "tx-envelope", "tx-data", "tx-commit", "tx-reset",
-                  "filter-response", "protocol-server", "link-disconnect"):
-        assert f"|smtp-in|{event}|" in text or text.count(f"|{event}|") or f"|{event}" in text, event
+    for event in (
+        "link-connect",
+        "link-greeting",
+        "link-identify",
+        "tx-begin",
+        "tx-mail",
+        "tx-rcpt",
+        "tx-envelope",
+        "tx-data",
+        "tx-commit",
+        "tx-reset",
+        "filter-response",
+        "protocol-server",
+        "link-disconnect",
+    ):
+        assert f"|smtp-in|{event}|" in text or text.count(f"|{event}|") or f"|{event}" in text, (
+            event
+        )
     assert "|filter-report|" in text and "|builtin|note|hello builtin" in text
     lines = text.splitlines()
-    stream = [ln.split("|", 7)[7] for ln in lines if "|data-line|" in ln and ln.startswith("filter|")]
+    stream = [
+        ln.split("|", 7)[7] for ln in lines if "|data-line|" in ln and ln.startswith("filter|")
+    ]
     assert stream[0].startswith("Received: from client.example.net")
     assert "..dot" in stream and stream[-1] == "."
     mail = [ln for ln in lines if "|tx-mail|" in ln][-1]

@@ -28,8 +28,8 @@ class Site:
         self.seen = self.logs / "faulty.log"
         config = f"""
 table users file:{users}
-filter faulty proc-exec "/usr/bin/python3 {BIN / 'faulty.py'} {self.seen}" timeout 2s
-filter calm proc-exec "/usr/bin/python3 {BIN / 'recorder.py'} {self.logs / 'calm.log'}"
+filter faulty proc-exec "/usr/bin/python3 {BIN / "faulty.py"} {self.seen}" timeout 2s
+filter calm proc-exec "/usr/bin/python3 {BIN / "recorder.py"} {self.logs / "calm.log"}"
 listen on 127.0.0.1 port {self.port} hostname {HOST} filter faulty
 listen on 127.0.0.1 port {self.other} hostname {HOST} filter calm
 action "local" maildir userbase <users>

@@ -275,7 +275,8 @@ def test_mail_for_our_domain_from_outside_is_accepted(site: Site) -> None:
         client.close()
     wait_for(
         lambda: any(
-            b"hello alice from outside" in m for m in maildir_messages(site.mail / "alice" / "Maildir")
+            b"hello alice from outside" in m
+            for m in maildir_messages(site.mail / "alice" / "Maildir")
         ),
         what="local delivery",
     )

@@ -1,10 +1,24 @@
-"""The ``Received:`` header, in OpenSMTPD's shape (delivery-queue.md 2.10)."""
+"""The ``Received:`` header, in OpenSMTPD's shape (delivery-queue.md 2.10).
+
+    Received: from HELO (RDNS [1.2.3.4])
+    \tby HOSTNAME (Pigeon) with ESMTPSA id MSGID (TLSv1.3:CIPHER:256:NO) auth=yes user=bob
+    \tfor <rcpt@example.org>;
+    \tMon, 2 Nov 2026 09:31:48 +0100 (CET)
+
+``S``: the session used TLS; ``A``: it authenticated. The TLS details end with ``YES`` when a
+client certificate was verified (listener ``verify``). ``auth=...`` appears with the
+listener's ``received-auth``, on TLS sessions only, as in OpenSMTPD. ``for <...>`` only when
+the message has one recipient. With ``mask-src`` the ``from`` part is left out; OpenSMTPD
+then writes ``Received: `` followed by a folded ``by`` line, Pigeon puts ``by`` on the first
+line (the same header once unfolded). The product name is ``Pigeon`` where OpenSMTPD writes
+``OpenSMTPD``.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
-from email.utils import formatdate
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,15 +37,34 @@ class ReceivedInfo:
     single_rcpt: str | None = None
 
 
-def _bracketed(ip: str) -> str:
+def _source_address(ip: str) -> str:
+    """OpenSMTPD's ``[1.2.3.4]``, ``IPv6:::1`` (no brackets) or ``[local]``."""
     if not ip:
         return "[local]"
     try:
         if isinstance(ipaddress.ip_address(ip), ipaddress.IPv6Address):
-            return f"[IPv6:{ip}]"
+            return f"IPv6:{ip}"
     except ValueError:
         pass
     return f"[{ip}]"
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def received_date(when: float | None = None) -> str:
+    """Local time as OpenSMTPD's ``time_to_text``: ``Mon, 2 Nov 2026 09:31:48 +0100 (CET)``
+    (day of month not padded, the zone's abbreviation in parentheses)."""
+    t = time.localtime(time.time() if when is None else when)
+    offset = (t.tm_gmtoff or 0) // 60
+    sign = "+" if offset >= 0 else "-"
+    hours, minutes = divmod(abs(offset), 60)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{hours:02d}{minutes:02d} "
+        f"({t.tm_zone})"
+    )
 
 
 def received_header(info: ReceivedInfo, when: float | None = None) -> bytes:
@@ -44,7 +77,8 @@ def received_header(info: ReceivedInfo, when: float | None = None) -> bytes:
     if info.mask_src:
         lines.append(f"Received: by {info.hostname} (Pigeon) with {proto} id {info.msgid}")
     else:
-        lines.append(f"Received: from {info.helo} ({info.rdns} {_bracketed(info.ip)})")
+        source = _source_address(info.ip)
+        lines.append(f"Received: from {info.helo} ({info.rdns} {source})")
         lines.append(f"\tby {info.hostname} (Pigeon) with {proto} id {info.msgid}")
     if info.tls:
         extra = f" ({info.tls})"
@@ -57,5 +91,5 @@ def received_header(info: ReceivedInfo, when: float | None = None) -> bytes:
         lines.append(f"\tfor <{info.single_rcpt}>;")
     else:
         lines[-1] += ";"
-    lines.append(f"\t{formatdate(when, localtime=True)}")
+    lines.append(f"\t{received_date(when)}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
