@@ -24,6 +24,7 @@ from pigeon.delivery.local import deliver as deliver_local
 from pigeon.delivery.relay import RelayAgent, RelaySettings
 from pigeon.delivery.routes import RelayRoute, parse_credentials, parse_relay_url, route_for
 from pigeon.errors import SMTPError
+from pigeon.filters.runtime import FilterManager, table_getter
 from pigeon.queue import bounce
 from pigeon.queue.envelope import (
     FLAG_BOUNCE,
@@ -39,7 +40,6 @@ from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.scheduler import policy
 from pigeon.scheduler.scheduler import Clock, Outcome, Scheduler
 from pigeon.server.auth import CredentialsChecker
-from pigeon.filters.runtime import FilterManager, table_getter
 from pigeon.server.listener import ListenerRuntime, bound_ports, resolve_interface, start_listener
 from pigeon.server.localaddr import local_addresses
 from pigeon.server.services import Services

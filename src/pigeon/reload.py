@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pigeon import metrics
 from pigeon.server.listener import ListenerRuntime, start_listener
+from pigeon.tables.base import close_tables, start_tables
 
 if TYPE_CHECKING:
     from pigeon.config.model import Config
@@ -97,6 +98,9 @@ async def prepare(daemon: Daemon, config: Config) -> Prepared:
     prepared = Prepared(config, staged, runtimes)
     current = {listener_key(rt) for rt, _ in daemon.listeners}
     try:
+        # The new filter and table processes must be ready before anything switches to them.
+        await start_tables(staged.tables.values())
+        await staged.filters.start()
         for runtime in runtimes:
             key = listener_key(runtime)
             if key not in current and key not in prepared.new_servers:
@@ -111,8 +115,26 @@ async def discard(prepared: Prepared) -> None:
     for servers in prepared.new_servers.values():
         for server in servers:
             server.close()
+    staged = prepared.staged
     with contextlib.suppress(Exception):
-        await prepared.staged.relay.close()
+        await staged.relay.close()
+    with contextlib.suppress(Exception):
+        await staged.filters.stop()
+    with contextlib.suppress(Exception):
+        await close_tables(staged.tables.values())
+
+
+async def retire(daemon: Daemon, filters: Any, tables: list[Any]) -> None:
+    """Stop the old filter and table processes once the sessions that may still use them
+    (those open at the swap) have ended, or after the session timeout at the latest."""
+    waiting = set(daemon.services.sessions)
+    deadline = asyncio.get_running_loop().time() + daemon.options.session_timeout + 5
+    while waiting & daemon.services.sessions and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(1.0)
+    with contextlib.suppress(Exception):
+        await filters.stop()
+    with contextlib.suppress(Exception):
+        await close_tables(tables)
 
 
 def swap(daemon: Daemon, prepared: Prepared) -> None:
@@ -177,9 +199,11 @@ async def reload(daemon: Daemon) -> tuple[bool, str]:
         return _failed(f"{exc.filename or source}: {exc.strerror or exc}")
     except Exception as exc:  # a table, key or filter the new config cannot set up
         return _failed(f"{source}: {exc}")
+    old_filters, old_tables = daemon.filters, list(daemon.tables.values())
     swap(daemon, prepared)
     with contextlib.suppress(Exception):
         await prepared.staged.relay.close()  # the live relay pool stays
+    daemon.reloader.track(retire(daemon, old_filters, old_tables))
     await _update_metrics(daemon, config)
     metrics.count("config_reloads", result="ok")
     message = f"configuration reloaded from {source}"
@@ -204,6 +228,12 @@ class Reloader:
     async def reload(self) -> tuple[bool, str]:
         async with self._lock:
             return await reload(self.daemon)
+
+    def track(self, coro: Any) -> None:
+        """Run a background clean-up task, kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def on_sighup(self) -> None:
         log.info("info: SIGHUP received: reloading the configuration")

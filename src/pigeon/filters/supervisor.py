@@ -44,13 +44,38 @@ def full_command(command: str) -> str:
     return f"{LIBEXEC_DIR}/{stripped}"
 
 
-def _credentials(spec: ProcessSpec) -> tuple[int, int] | None:
-    """uid/gid to run as, or None to stay who we are (only root can switch)."""
+def child_credentials(user: str | None, group: str | None) -> tuple[int, int] | None:
+    """uid/gid an add-on process (filter or table) runs as, or None to stay who we are
+    (only root can switch; started as root, an add-on without `user` runs as nobody)."""
     if os.geteuid() != 0:
         return None
-    entry = pwd.getpwnam(spec.user or UNPRIVILEGED_USER)
-    gid = grp.getgrnam(spec.group).gr_gid if spec.group else entry.pw_gid
+    if user is None:
+        from pigeon import privsep
+
+        default = privsep.run_as()  # the account the daemon drops to, as smtpd uses _smtpd
+        if default is not None:
+            return default.uid, default.gid if group is None else grp.getgrnam(group).gr_gid
+    entry = pwd.getpwnam(user or UNPRIVILEGED_USER)
+    gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
     return entry.pw_uid, gid
+
+
+def _credentials(spec: ProcessSpec) -> tuple[int, int] | None:
+    return child_credentials(spec.user, spec.group)
+
+
+def privilege_dropper(creds: tuple[int, int] | None) -> Callable[[], None] | None:
+    """A preexec function switching the child to ``creds``."""
+    if creds is None:
+        return None
+    uid, gid = creds
+
+    def drop() -> None:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(uid)
+
+    return drop
 
 
 class Channel:

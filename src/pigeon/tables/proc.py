@@ -33,8 +33,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pigeon import privsep
 from pigeon.config.builder import PROC_TABLE_DIRS  # OpenSMTPD's add-on dirs, then Pigeon's
 from pigeon.config.model import Config, TableDecl
+from pigeon.filters.supervisor import privilege_dropper
 from pigeon.protocol.tableproto import (
     TableOp,
     TableProtocolError,
@@ -123,6 +125,14 @@ class _Child:
         self.services: frozenset[Service] = frozenset()
         self.tasks: list[asyncio.Task[None]] = []
         self.dead = False
+
+
+def _table_credentials() -> tuple[int, int] | None:
+    """The daemon's unprivileged account when it runs as root and will drop to one."""
+    user = privsep.run_as()
+    if user is None or os.geteuid() != 0:
+        return None
+    return user.uid, user.gid
 
 
 class ProcTable(Table):
@@ -279,6 +289,8 @@ class ProcTable(Table):
                 stdout=theirs.fileno(),
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own group: we can stop `sh -c` and its children
+                # Started as root, a table program runs as Pigeon's unprivileged user.
+                preexec_fn=privilege_dropper(_table_credentials()),
             )
         except OSError:
             ours.close()
