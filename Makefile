@@ -33,6 +33,7 @@ test-deps:
 
 test: test-deps venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -302,9 +302,7 @@ class Builder:
         if "protocol" in params:
             if params["protocol"] not in SUPPORTED_VERSIONS:
                 versions = ", ".join(SUPPORTED_VERSIONS)
-                raise self.fail(
-                    token("protocol"), f"unsupported filter protocol (use {versions})"
-                )
+                raise self.fail(token("protocol"), f"unsupported filter protocol (use {versions})")
             out["protocol"] = params["protocol"]
         if "timeout" in params:
             text = params["timeout"]

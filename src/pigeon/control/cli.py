@@ -100,9 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where log lines go (default: stderr with -d, syslog otherwise)",
     )
-    p.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="log line format"
-    )
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="log line format")
     spool_opt(p)
 
     for verb in CONTROL_VERBS:

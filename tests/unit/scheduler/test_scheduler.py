@@ -44,9 +44,7 @@ class Harness:
         self.clock = ManualClock(T0)
         self.dispatched: list[int] = []
         self.expired: list[int] = []
-        self.sched = Scheduler(
-            self.dispatch, clock=self.clock, queue_ttl=3600, expire=self.expire
-        )
+        self.sched = Scheduler(self.dispatch, clock=self.clock, queue_ttl=3600, expire=self.expire)
 
     async def dispatch(self, e: Envelope) -> None:
         self.dispatched.append(e.evpid)
