@@ -27,6 +27,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,6 +106,15 @@ SINK = textwrap.dedent(
 )
 
 
+def _proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    # utime and stime are fields 14 and 15 of stat(5); [0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Sink:
     def __init__(self, target: int) -> None:
         self.port = free_port()
@@ -128,6 +139,9 @@ class Sink:
             if ready:
                 return float(self.proc.stdout.readline())
         raise RuntimeError("the sink did not get every message in time")
+
+    def cpu_seconds(self) -> float:
+        return _proc_cpu(self.proc.pid)
 
     def stop(self) -> None:
         assert self.proc.stdin is not None
@@ -157,6 +171,10 @@ class Pigeon:
             args += ["-P", "mta"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the daemon used so far (Linux /proc)."""
+        return _proc_cpu(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -195,28 +213,64 @@ async def load(port: int, total: int, concurrency: int) -> None:
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def accept_only(n: int, concurrency: int) -> float:
+@dataclass
+class RunResult:
+    rate: float  # messages/s (accept-only: accepted; end to end: at the sink)
+    daemon_ms: float  # daemon CPU (user + system) per message, during the load
+    client_ms: float  # load generator CPU per message
+    sink_ms: float  # sink CPU per message
+    accepted_rate: float = 0.0  # end to end: messages/s accepted, same run
+
+
+def _settle(cpu: Callable[[], float], *, limit: float = 5.0) -> float:
+    """The daemon's CPU time once it stopped using CPU (the last outcomes recorded)."""
+    deadline = time.monotonic() + limit
+    last = cpu()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = cpu()
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def accept_only(n: int, concurrency: int) -> RunResult:
     sink = Sink(n)
     pigeon = Pigeon(sink.port, paused=True)
     try:
+        cpu0, own0 = pigeon.cpu_seconds(), time.process_time()
         start = time.perf_counter()
         asyncio.run(load(pigeon.port, n, concurrency))
-        return n / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        own = time.process_time() - own0
+        daemon = _settle(pigeon.cpu_seconds) - cpu0
+        return RunResult(n / elapsed, daemon * 1000 / n, own * 1000 / n, 0.0)
     finally:
         pigeon.stop()
         sink.stop()
 
 
-def end_to_end(n: int, concurrency: int, profile: Path | None = None) -> tuple[float, float]:
-    """(messages/s to the sink, messages/s accepted) in the same run."""
+def end_to_end(n: int, concurrency: int, profile: Path | None = None) -> RunResult:
+    """Messages/s to the sink and messages/s accepted, in the same run."""
     sink = Sink(n)
     pigeon = Pigeon(sink.port, paused=False, profile=profile)
     try:
+        cpu0, own0, sink0 = pigeon.cpu_seconds(), time.process_time(), sink.cpu_seconds()
         start = time.time()
         asyncio.run(load(pigeon.port, n, concurrency))
         accepted = time.time()
+        own = time.process_time() - own0
         done = sink.wait_all(timeout=max(60.0, n / 50))
-        return n / (done - start), n / (accepted - start)
+        daemon = _settle(pigeon.cpu_seconds) - cpu0
+        sink_cpu = sink.cpu_seconds() - sink0
+        return RunResult(
+            n / (done - start),
+            daemon * 1000 / n,
+            own * 1000 / n,
+            sink_cpu * 1000 / n,
+            accepted_rate=n / (accepted - start),
+        )
     finally:
         pigeon.stop()
         sink.stop()
@@ -231,29 +285,36 @@ def main() -> None:
     args = parser.parse_args()
     raise_nofile()
     if args.profile is not None:
-        rate, _ = end_to_end(args.n, args.concurrency, profile=args.profile)
-        print(f"profiled run: {rate:.0f} msg/s relayed; profile in {args.profile}")
+        result = end_to_end(args.n, args.concurrency, profile=args.profile)
+        print(f"profiled run: {result.rate:.0f} msg/s relayed; profile in {args.profile}")
         return
-    accept_rates: list[float] = []
-    relay_rates: list[float] = []
+    accepts: list[RunResult] = []
+    relays: list[RunResult] = []
     for run in range(args.runs):
-        accept_rates.append(accept_only(args.n, args.concurrency))
-        relayed, _ = end_to_end(args.n, args.concurrency)
-        relay_rates.append(relayed)
+        accepts.append(accept_only(args.n, args.concurrency))
+        relays.append(end_to_end(args.n, args.concurrency))
+        a, r = accepts[-1], relays[-1]
         print(
-            f"run {run + 1}: accept-only {accept_rates[-1]:.0f} msg/s, "
-            f"end-to-end {relay_rates[-1]:.0f} msg/s",
+            f"run {run + 1}: accept-only {a.rate:.0f} msg/s "
+            f"(daemon {a.daemon_ms:.2f} ms CPU/msg, client {a.client_ms:.2f}), "
+            f"end-to-end {r.rate:.0f} msg/s (accepted at {r.accepted_rate:.0f}; "
+            f"daemon {r.daemon_ms:.2f} ms CPU/msg, client {r.client_ms:.2f}, "
+            f"sink {r.sink_ms:.2f})",
             flush=True,
         )
-    accept = statistics.median(accept_rates)
-    relay = statistics.median(relay_rates)
+    accept = statistics.median(a.rate for a in accepts)
+    relay = statistics.median(r.rate for r in relays)
+    receive_ms = statistics.median(a.daemon_ms for a in accepts)
+    total_ms = statistics.median(r.daemon_ms for r in relays)
     ratio = relay / accept
     print(
         f"\n{args.n} messages, {args.concurrency} clients, medians of {args.runs} runs\n"
         f"accept only : {accept:8.0f} msg/s\n"
         f"end to end  : {relay:8.0f} msg/s (accepted and relayed to the sink)\n"
         f"ratio       : {ratio:8.2f}x  (target >= 0.80x and >= 1000 msg/s: "
-        f"{'met' if ratio >= 0.8 and relay >= 1000 else 'MISSED'})"
+        f"{'met' if ratio >= 0.8 and relay >= 1000 else 'MISSED'})\n"
+        f"daemon CPU  : {receive_ms:8.2f} ms/msg receiving, {total_ms:.2f} ms/msg receiving "
+        f"and relaying (relay share {total_ms - receive_ms:.2f} ms/msg)"
     )
 
 

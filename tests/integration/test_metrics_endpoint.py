@@ -90,12 +90,17 @@ def test_counters_after_sessions(site: Site) -> None:
         ),
         what="tempfail counted",
     )
+    ok = ("agent", "maildir"), ("destination", DOMAIN), ("result", "ok")
+    # A message is in the maildir a moment before its delivery is counted.
+    wait_for(
+        lambda: site.samples().get(("pigeon_deliveries_total", ok)) == 3,
+        what="deliveries counted",
+    )
     got = site.samples()
     assert got[("pigeon_smtp_sessions_total", ())] - before == 3
     assert got[("pigeon_smtp_transactions_total", ())] == 4
     assert got[("pigeon_messages_accepted_total", ())] == 4
     assert got[("pigeon_smtp_rejected_total", (("command", "RCPT"), ("reason", "550")))] == 1
-    ok = ("agent", "maildir"), ("destination", DOMAIN), ("result", "ok")
     assert got[("pigeon_deliveries_total", ok)] == 3
     assert got[("pigeon_delivery_seconds_count", (("agent", "maildir"),))] == 3
     # The soft-failing envelope waits in the queue: the gauges see it at scrape time.

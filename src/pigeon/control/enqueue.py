@@ -19,6 +19,7 @@ from pigeon.server.listener import ListenerRuntime
 
 if TYPE_CHECKING:
     from pigeon.config.model import Config
+    from pigeon.filters.runtime import FilterManager
     from pigeon.server.services import Services
 
 REPLY_TIMEOUT = 300.0
@@ -34,10 +35,16 @@ class SubmitResult:
         return not self.ok and not self.reply.startswith("5")
 
 
-def socket_runtime(config: Config, hostname: str) -> ListenerRuntime:
-    """Sessions of the local socket listener (always present, implicit when not written)."""
+def socket_runtime(
+    config: Config, hostname: str, filters: FilterManager | None = None
+) -> ListenerRuntime:
+    """Sessions of the local socket listener (always present, implicit when not written);
+    ``listen on socket filter NAME`` runs them through that chain of ``filters``."""
     listener = next((lst for lst in config.listeners if lst.kind == "socket"), None)
     smtp = config.smtp
+    chain = None
+    if filters is not None and listener is not None and listener.filter is not None:
+        chain = filters.chain(listener.filter)
     return ListenerRuntime(
         hostname=(listener.hostname if listener and listener.hostname else hostname),
         socket=True,
@@ -49,6 +56,7 @@ def socket_runtime(config: Config, hostname: str) -> ListenerRuntime:
         max_message_size=smtp.max_message_size,
         max_rcpt=smtp.max_rcpt,
         max_mails=smtp.max_mails,
+        filter_chain=chain,
     )
 
 

@@ -184,7 +184,9 @@ class ControlServer:
 
     def _socket_runtime(self) -> ListenerRuntime:
         if self._runtime is None:
-            self._runtime = socket_runtime(self.daemon.config, self.daemon.hostname)
+            self._runtime = socket_runtime(
+                self.daemon.config, self.daemon.hostname, self.daemon.filters
+            )
         return self._runtime
 
     async def _enqueue(self, raw: object) -> dict[str, Any]:

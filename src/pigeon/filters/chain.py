@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from pigeon import metrics
 from pigeon.config.model import BuiltinFilter
 from pigeon.filters.builtin import SessionFacts, TableGetter, builtin_matches
 from pigeon.filters.proc import FilterFailure, FilterProc
@@ -181,6 +182,7 @@ class FilterSession:
             matched = await builtin_matches(spec, phase, self.facts, tables)
         except Exception as exc:  # a table backend failing: temporary, like smtpd's lookups
             log.warning("warn: filter %s: table lookup failed: %s", name, exc)
+            metrics.count("filter_failures", filter=name, reason="table")
             return Verdict("reject", Reply(451, "Temporary failure", "4.3.0"))
         if not matched:
             return None
@@ -203,10 +205,13 @@ class FilterSession:
     async def _ask(self, proc: FilterProc, phase: str, param: str) -> Verdict | None:
         if self._stale(proc):
             return self._fail(proc, "filter was restarted during the session")
+        start = time.monotonic()
         try:
             result = await proc.request(self.id, phase, param)
         except FilterFailure as exc:
             return self._fail(proc, str(exc))
+        finally:
+            metrics.observe("filter_seconds", time.monotonic() - start, filter=proc.name)
         decision = result.decision
         if decision is filterproto.Decision.PROCEED:
             return None
@@ -248,8 +253,11 @@ class FilterSession:
                 continue
             if self._stale(proc):
                 return self._fail(proc, "filter was restarted during the session")
+            start = time.monotonic()
             try:
                 lines = await proc.data_lines(self.id, lines)
             except FilterFailure as exc:
                 return self._fail(proc, str(exc))
+            finally:
+                metrics.observe("filter_seconds", time.monotonic() - start, filter=proc.name)
         return lines

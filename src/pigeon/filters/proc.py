@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pigeon import metrics
 from pigeon.filters.supervisor import Channel, ProcessSpec, ProcessSupervisor
 from pigeon.protocol import filterproto
 from pigeon.protocol.filterproto import FilterVersion
@@ -213,6 +214,7 @@ class FilterProc:
             return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout)
         except TimeoutError:
             self.stats.failures += 1
+            metrics.count("filter_failures", filter=self.name, reason="timeout")
             self.supervisor.declare_broken(
                 f"no answer to the {phase} request within {self.settings.request_timeout:g}s"
             )
@@ -231,6 +233,7 @@ class FilterProc:
         except filterproto.InvalidFilterReply as exc:
             # smtpd's own behaviour: not fatal, the client gets 421 and is dropped.
             log.warning("warn: %s: %s", self.name, exc)
+            metrics.count("filter_failures", filter=self.name, reason="bad-reply")
             bad = exc.result
             fixed = filterproto.FilterResult(
                 bad.session,
@@ -279,12 +282,20 @@ class FilterProc:
 
     def _violation(self, reason: str) -> None:
         self.stats.failures += 1
+        metrics.count("filter_failures", filter=self.name, reason="protocol")
         log.warning("warn: %s: protocol error: %s", self.name, reason)
         self._fail_all(f"filter protocol error: {reason}")
         self.supervisor.declare_broken("protocol error")
 
     def _on_down(self, reason: str) -> None:
         self.stats.restarts += 1
+        # A kill after a timeout or protocol error was counted with its own reason.
+        if reason.startswith("exited"):
+            metrics.count("filter_failures", filter=self.name, reason="exit")
+        elif reason.startswith(("cannot start", "handshake")):
+            metrics.count("filter_failures", filter=self.name, reason="start")
+        elif reason == "line too long":
+            metrics.count("filter_failures", filter=self.name, reason="protocol")
         self._fail_all(f"filter went away: {reason}")
 
     def _fail_all(self, reason: str) -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+from pigeon import metrics
 from pigeon.filters.chain import FILTER_TEMPFAIL, JUNK_HEADER, FilterChain, Verdict
 from pigeon.filters.rdns import client_rdns
 from pigeon.protocol import filterproto
@@ -132,11 +133,10 @@ class SessionFilters:
             return False
         if isinstance(event, proto.MessageRejected):
             self._end_tx(rollback=True)
-        elif isinstance(event, proto.Reset):
-            self.fs.report(filterproto.ProtocolClient("RSET"))
-            self._end_tx(rollback=True)
-        elif isinstance(event, proto.Quit):
-            self.fs.report(filterproto.ProtocolClient("QUIT"))
+        elif isinstance(event, proto.Reset | proto.Quit):
+            verb = "RSET" if isinstance(event, proto.Reset) else "QUIT"
+            if verb not in self._conn.config.filtered_commands:  # else reported in _command
+                self.fs.report(filterproto.ProtocolClient(verb))
             self._end_tx(rollback=True)
         return True
 
@@ -176,9 +176,12 @@ class SessionFilters:
             await session._dispatch_async(event)
             if session.tls_info is not None and self._conn.tls_active:
                 self.fs.report(filterproto.LinkTls(session.tls_info))
+        elif isinstance(event, proto.FilteredCommand):
+            await self._command(event)
         elif isinstance(event, proto.AuthCredentials):
             self.fs.report(filterproto.ProtocolClient(f"AUTH {event.mechanism} ********"))
-            verdict = await self.fs.phase("auth", event.mechanism)
+            # As smtpd: the AUTH arguments as sent, credentials included (not masked).
+            verdict = await self.fs.phase("auth", event.arguments or event.mechanism)
             if verdict.stops:
                 self._answer(verdict, FILTER_TEMPFAIL)
                 return
@@ -193,6 +196,15 @@ class SessionFilters:
             self._end_tx(rollback=session.messages == before)
         else:
             await session._dispatch_async(event)
+
+    async def _command(self, event: proto.FilteredCommand) -> None:
+        """RSET, QUIT, NOOP, HELP: the filters decide, then the protocol machine answers."""
+        self.fs.report(filterproto.ProtocolClient(event.verb))
+        verdict = await self.fs.phase(event.verb.lower())
+        if verdict.stops:
+            self._answer(verdict, FILTER_TEMPFAIL)
+            return
+        self._conn.accept()
 
     async def _helo(self, event: proto.Helo) -> None:
         verb = "EHLO" if event.extended else "HELO"
@@ -297,6 +309,8 @@ class SessionFilters:
         self.fs.report(filterproto.ProtocolClient("."))
         if self.fs.junk:
             message = JUNK_HEADER.encode() + b"\r\n" + message
+            reason = "filter-session" if self.fs.junk_session else "filter-transaction"
+            metrics.count("messages_junked", reason=reason)
         if self.fs.filters_data:
             text = message.decode("utf-8", "surrogateescape")
             if text.endswith("\r\n"):

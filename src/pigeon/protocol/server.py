@@ -32,7 +32,7 @@ import base64
 import binascii
 import enum
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pigeon.protocol.address import AddressError, parse_params, parse_path, valid_domain
 from pigeon.protocol.address import valid_xtext as _valid_xtext
@@ -45,6 +45,7 @@ __all__ = [
     "DataBegin",
     "DataChunk",
     "Event",
+    "FilteredCommand",
     "Helo",
     "MailFrom",
     "MessageEnd",
@@ -84,6 +85,9 @@ class ServerConfig:
     max_command_length: int = 2047  # bytes of a command line, without its line ending
     max_line_length: int = 65535  # bytes of a DATA line, with its CRLF
     software: str = "Pigeon"  # the word after ESMTP in the banner
+    # Verbs among RSET, QUIT, NOOP and HELP that become FilteredCommand events awaiting an
+    # answer instead of being answered at once (filtered sessions: the filters decide).
+    filtered_commands: frozenset[str] = frozenset()
 
 
 # -- events ---------------------------------------------------------------------------
@@ -160,6 +164,8 @@ class AuthCredentials(Event):
     username: str
     password: str
     authzid: str = ""
+    # The AUTH command's arguments as sent (the filters' auth parameter); not part of equality.
+    arguments: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +176,17 @@ class Reset(Event):
 @dataclass(frozen=True, slots=True)
 class Quit(Event):
     """QUIT, already answered with 221; the connection is now closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class FilteredCommand(Event):
+    """RSET, QUIT, NOOP or HELP named in ``ServerConfig.filtered_commands`` (answer).
+
+    ``accept()`` runs the command as if unfiltered (RSET then also yields Reset, QUIT
+    yields Quit and closes); ``reject(reply)`` sends ``reply`` instead.
+    """
+
+    verb: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +207,16 @@ class ConnectionLost(Event):
     """The peer closed its side (receive_data(b"")) and every complete line was handled."""
 
 
-_ANSWERED = (Helo, MailFrom, RcptTo, DataBegin, MessageEnd, StartTLS, AuthCredentials)
+_ANSWERED = (
+    Helo,
+    MailFrom,
+    RcptTo,
+    DataBegin,
+    MessageEnd,
+    StartTLS,
+    AuthCredentials,
+    FilteredCommand,
+)
 
 
 # -- replies (OpenSMTPD's texts; "esc description: detail") -----------------------------
@@ -316,6 +342,7 @@ class ServerConnection:
         self._extended = False
         self._auth_user: str | None = None
         self._login_user = ""
+        self._auth_args = ""
         self._tx: _Transaction | None = None
         self._data = _DataState()
         self._mail_count = 0
@@ -432,6 +459,8 @@ class ServerConnection:
         elif isinstance(event, AuthCredentials):
             self._auth_user = event.username
             self._send(reply or R_AUTH_OK)
+        elif isinstance(event, FilteredCommand):
+            self._run_filtered(event.verb, reply)
 
     def reject(self, reply: Reply) -> None:
         event = self._check_answer()
@@ -598,10 +627,10 @@ class ServerConnection:
         elif verb == "QUIT":
             self._cmd_quit(line, args)
         elif verb == "NOOP":
-            self._send(R_OK)
+            self._simple("NOOP")
         elif verb == "HELP":
             if args is None:
-                self._send(R_HELP)
+                self._simple("HELP")
             else:
                 self._refuse(line, R_NO_ARGS)
         elif verb == "VRFY":
@@ -760,17 +789,34 @@ class ServerConnection:
         elif self._helo is None:
             self._refuse(line, R_BAD_SEQUENCE)
         else:
-            self._tx = None
-            self._send(R_RESET)
-            self._events.append(Reset())
+            self._simple("RSET")
 
     def _cmd_quit(self, line: str, args: str | None) -> None:
         if args is not None:
             self._refuse(line, R_NO_ARGS)
             return
-        self._send(R_BYE)
-        self._events.append(Quit())
-        self._close()
+        self._simple("QUIT")
+
+    def _simple(self, verb: str) -> None:
+        """A valid RSET/QUIT/NOOP/HELP: run it, or ask the application first."""
+        if verb in self.config.filtered_commands:
+            self._events.append(FilteredCommand(verb))
+        else:
+            self._run_filtered(verb, None)
+
+    def _run_filtered(self, verb: str, reply: Reply | None) -> None:
+        if verb == "RSET":
+            self._tx = None
+            self._send(reply or R_RESET)
+            self._events.append(Reset())
+        elif verb == "QUIT":
+            self._send(reply or R_BYE)
+            self._events.append(Quit())
+            self._close()
+        elif verb == "NOOP":
+            self._send(reply or R_OK)
+        else:
+            self._send(reply or R_HELP)
 
     def _cmd_starttls(self, line: str, args: str | None) -> None:
         if self._helo is None or self._tx is not None:
@@ -790,6 +836,7 @@ class ServerConnection:
         mechanism, _, initial = (args or "").partition(" ")
         mechanism = _ascii_upper(mechanism) or mechanism
         initial = initial.strip(" \t")
+        self._auth_args = args or ""
         # Never let a credential reach a log line.
         shown = f"AUTH {mechanism} ********" if initial else line
         if self._helo is None or self._tx is not None:
@@ -827,7 +874,9 @@ class ServerConnection:
             if password is None:
                 self._refuse("AUTH LOGIN (password)", R_AUTH_SYNTAX)
             else:
-                self._events.append(AuthCredentials("LOGIN", self._login_user, password))
+                self._events.append(
+                    AuthCredentials("LOGIN", self._login_user, password, "", self._auth_args)
+                )
             self._login_user = ""
 
     def _auth_plain(self, response: str) -> None:
@@ -838,7 +887,7 @@ class ServerConnection:
             self._refuse("AUTH PLAIN (...)", R_AUTH_SYNTAX)
             return
         authzid, username, password = parts
-        self._events.append(AuthCredentials("PLAIN", username, password, authzid))
+        self._events.append(AuthCredentials("PLAIN", username, password, authzid, self._auth_args))
 
     def _auth_login_user(self, response: str) -> None:
         username = _b64_text(response)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 BACKLOG = 4096  # OpenSMTPD's backlog of 5 collapses under reconnect storms (perf-anchors.md)
 
 Authenticator = Callable[[str, str], Awaitable[bool]]
+FILTERED_COMMANDS = frozenset({"RSET", "QUIT", "NOOP", "HELP"})
 
 
 @dataclass
@@ -58,6 +59,8 @@ class ListenerRuntime:
             auth_mechanisms=self.auth_mechanisms,
             auth_requires_tls=not self.socket,
             auth_required=self.auth_required,
+            # A filtered session asks its filters about these too (OpenSMTPD's phases).
+            filtered_commands=FILTERED_COMMANDS if self.filter_chain is not None else frozenset(),
         )
 
 

@@ -21,22 +21,23 @@ Where smtpd is fragile, Pigeon is not:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
-import shlex
-import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from pigeon import privsep
 from pigeon.config.builder import PROC_TABLE_DIRS  # OpenSMTPD's add-on dirs, then Pigeon's
 from pigeon.config.model import Config, TableDecl
-from pigeon.filters.supervisor import privilege_dropper
+from pigeon.procs import (
+    Channel,
+    ProcCommand,
+    ProcessNotRunning,
+    ProcessSpec,
+    ProcessStartFailed,
+    ProcessSupervisor,
+)
 from pigeon.protocol.tableproto import (
     TableOp,
     TableProtocolError,
@@ -51,6 +52,8 @@ from pigeon.protocol.tableproto import (
 )
 from pigeon.tables.base import Service, Table, TableError
 
+__all__ = ["ProcCommand", "ProcTable", "command_for", "find_table_program", "proc_from_decl"]
+
 log = logging.getLogger("pigeon.tables")
 
 SMTPD_VERSION = "7.6.0"  # what we announce in config|smtpd-version: the protocol we follow
@@ -59,18 +62,6 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_TIMEOUTS = 3
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
-MAX_LINE = 1 << 20
-
-
-@dataclass(frozen=True)
-class ProcCommand:
-    """What to execute: ``argv`` (argv[0] may differ from the file run) and ``executable``."""
-
-    argv: tuple[str, ...]
-    executable: str
-
-    def describe(self) -> str:
-        return shlex.join((self.executable, *self.argv[1:]))
 
 
 def find_table_program(backend: str, dirs: Sequence[str] = PROC_TABLE_DIRS) -> str | None:
@@ -108,33 +99,6 @@ def command_for(decl: TableDecl, dirs: Sequence[str] = PROC_TABLE_DIRS) -> ProcC
     return ProcCommand(argv, program)
 
 
-class _Child:
-    """One running table process: its socket streams, its reader tasks, and its requests."""
-
-    def __init__(
-        self,
-        process: asyncio.subprocess.Process,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        self.process = process
-        self.reader = reader
-        self.writer = writer
-        self.pending: dict[str, tuple[TableOp, asyncio.Future[TableResult]]] = {}
-        self.expired: deque[str] = deque(maxlen=256)  # ids given up on: late replies are fine
-        self.services: frozenset[Service] = frozenset()
-        self.tasks: list[asyncio.Task[None]] = []
-        self.dead = False
-
-
-def _table_credentials() -> tuple[int, int] | None:
-    """The daemon's unprivileged account when it runs as root and will drop to one."""
-    user = privsep.run_as()
-    if user is None or os.geteuid() != 0:
-        return None
-    return user.uid, user.gid
-
-
 class ProcTable(Table):
     """A table served by a child process speaking protocol 0.1 (see the module docstring)."""
 
@@ -152,19 +116,32 @@ class ProcTable(Table):
         self.name = name
         self.command = command
         self.request_timeout = request_timeout
-        self.handshake_timeout = handshake_timeout
         self.max_timeouts = max_timeouts
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
-        self.restarts = 0  # processes started after the first one (for logs and tests)
-        self._child: _Child | None = None
-        self._starting = asyncio.Lock()
+        # Started as root, a table program runs as Pigeon's unprivileged user (or stays root
+        # when the daemon does not drop privileges: no fallback to nobody).
+        spec = ProcessSpec(f"table {name}", command, socketpair=True, fallback_user=None)
+        self.supervisor = ProcessSupervisor(
+            spec,
+            handshake=self._handshake,
+            on_line=self._on_line,
+            on_down=self._on_down,
+            handshake_timeout=handshake_timeout,
+            backoff_initial=backoff_min,
+            backoff_max=backoff_max,
+            restart="on-demand",
+            logger=log,
+        )
+        self._pending: dict[str, tuple[TableOp, asyncio.Future[TableResult]]] = {}
+        self._expired: deque[str] = deque(maxlen=256)  # ids given up on: late replies are fine
+        self._process_services: frozenset[Service] = frozenset()
         self._services: frozenset[Service] | None = None
-        self._backoff = 0.0
-        self._not_before = 0.0
         self._timeouts = 0
-        self._started_once = False
         self._closed = False
+
+    @property
+    def restarts(self) -> int:
+        """Processes started after the first one (for logs and tests)."""
+        return self.supervisor.restarts
 
     # ------------------------------------------------------------------ Table interface
 
@@ -176,13 +153,12 @@ class ProcTable(Table):
     async def start(self) -> None:
         """Start the process now (the daemon does this at startup, so ``services()`` is
         known before listeners decide between ``auth`` and ``credentials``)."""
-        await self._ensure_child()
+        await self._ensure_running()
 
     async def close(self) -> None:
         self._closed = True
-        child, self._child = self._child, None
-        if child is not None:
-            await self._stop_child(child, "table closed")
+        self._fail_pending("table closed")
+        await self.supervisor.stop()
 
     async def update(self) -> None:
         result = await self._request(TableOp.UPDATE, None, None)
@@ -203,12 +179,22 @@ class ProcTable(Table):
 
     # ------------------------------------------------------------------ requests
 
+    async def _ensure_running(self) -> Channel:
+        if self._closed:
+            raise TableError(f"table {self.name}: closed")
+        try:
+            return await self.supervisor.ensure_running()
+        except ProcessStartFailed as exc:
+            raise TableError(f"table {self.name}: cannot start: {exc}") from None
+        except ProcessNotRunning as exc:
+            raise TableError(f"table {self.name}: {exc}") from None
+
     async def _request(self, op: TableOp, service: Service | None, key: str | None) -> TableResult:
-        child = await self._ensure_child()
-        if service is not None and service not in child.services:
+        channel = await self._ensure_running()
+        if service is not None and service not in self._process_services:
             raise TableError(f"table {self.name}: service {service.value} not registered")
         request_id = format_request_id(secrets.randbits(32))
-        while request_id in child.pending:
+        while request_id in self._pending:
             request_id = format_request_id(secrets.randbits(32))
         try:
             line = encode_request(
@@ -224,180 +210,80 @@ class ProcTable(Table):
         except ValueError as exc:
             raise TableError(f"table {self.name}: {exc}") from exc
         future: asyncio.Future[TableResult] = asyncio.get_running_loop().create_future()
-        child.pending[request_id] = (op, future)
+        self._pending[request_id] = (op, future)
         try:
-            child.writer.write(line.encode("utf-8", "surrogateescape") + b"\n")
-            await child.writer.drain()
+            channel.write_line(line)
+            await channel.writer.drain()
             result = await asyncio.wait_for(future, self.request_timeout)
         except TimeoutError:
-            child.expired.append(request_id)
+            self._expired.append(request_id)
             self._timeouts += 1
             log.warning(
                 "warn: table %s: no answer to %s within %gs", self.name, op, self.request_timeout
             )
             if self._timeouts >= self.max_timeouts:
-                await self._fail(child, f"{self._timeouts} requests timed out: table hung")
+                self.supervisor.declare_broken(f"{self._timeouts} requests timed out: table hung")
             raise TableError(f"table {self.name}: request timed out") from None
         except (ConnectionError, OSError) as exc:
-            await self._fail(child, f"cannot write: {exc}")
+            self.supervisor.declare_broken(f"cannot write: {exc}")
             raise TableError(f"table {self.name}: {exc}") from exc
         finally:
-            child.pending.pop(request_id, None)
+            self._pending.pop(request_id, None)
         self._timeouts = 0
-        self._backoff = 0.0  # a good answer: the next failure restarts quickly again
+        self.supervisor.healthy()  # a good answer: the next failure restarts quickly again
         if result.status is TableStatus.ERROR:
             raise TableError(f"table {self.name}: {op} failed: {result.value or 'error'}")
         return result
 
-    # ------------------------------------------------------------------ process supervision
+    # ------------------------------------------------------------------ the process's side
 
-    async def _ensure_child(self) -> _Child:
-        if self._closed:
-            raise TableError(f"table {self.name}: closed")
-        child = self._child
-        if child is not None and not child.dead:
-            return child
-        async with self._starting:
-            child = self._child
-            if child is not None and not child.dead:
-                return child
-            wait = self._not_before - time.monotonic()
-            if wait > 0:
-                raise TableError(f"table {self.name}: restarting in {wait:.1f}s")
-            try:
-                child = await self._spawn()
-            except (OSError, TableProtocolError, TimeoutError, UnicodeDecodeError) as exc:
-                self._schedule_restart()
-                raise TableError(f"table {self.name}: cannot start: {exc}") from exc
-            self._child = child
-            return child
-
-    def _schedule_restart(self) -> None:
-        self._backoff = min(self.backoff_max, max(self.backoff_min, self._backoff * 2))
-        self._not_before = time.monotonic() + self._backoff
-
-    async def _spawn(self) -> _Child:
-        if self._started_once:
-            self.restarts += 1
-        self._started_once = True
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *self.command.argv,
-                executable=self.command.executable,
-                stdin=theirs.fileno(),
-                stdout=theirs.fileno(),
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own group: we can stop `sh -c` and its children
-                # Started as root, a table program runs as Pigeon's unprivileged user.
-                preexec_fn=privilege_dropper(_table_credentials()),
-            )
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_LINE)
-        child = _Child(process, reader, writer)
-        child.tasks.append(asyncio.create_task(self._log_stderr(process)))
-        log.info(
-            "info: table %s: started %s (pid %d)", self.name, self.command.describe(), process.pid
-        )
-        try:
-            await asyncio.wait_for(self._handshake(child), self.handshake_timeout)
-        except BaseException:
-            await self._stop_child(child, "handshake failed")
-            raise
-        child.tasks.append(asyncio.create_task(self._read_replies(child)))
-        return child
-
-    async def _handshake(self, child: _Child) -> None:
-        lines = encode_config(smtpd_version=SMTPD_VERSION, table_name=self.name)
-        child.writer.write("".join(f"{line}\n" for line in lines).encode())
-        await child.writer.drain()
+    async def _handshake(self, channel: Channel) -> None:
+        for line in encode_config(smtpd_version=SMTPD_VERSION, table_name=self.name):
+            channel.write_line(line)
+        await channel.writer.drain()
         registration = TableRegistration()
         while not registration.ready:
-            raw = await child.reader.readline()
-            if not raw.endswith(b"\n"):
+            line = await channel.read_line()
+            if line is None:
                 raise TableProtocolError("end of file during the handshake")
-            registration.feed(decode_table_line(raw.decode("utf-8")))
-        child.services = frozenset(Service(s) for s in registration.services)
-        self._services = child.services
-        names = ", ".join(sorted(s.value for s in child.services))
+            registration.feed(decode_table_line(line))
+        services = frozenset(Service(s) for s in registration.services)
+        self._process_services = self._services = services
+        self._pending.clear()  # nothing in flight belongs to the new process
+        self._expired.clear()
+        names = ", ".join(sorted(s.value for s in services))
         log.info("info: table %s: registered %s", self.name, names)
 
-    async def _read_replies(self, child: _Child) -> None:
-        reason = "exited"
+    def _on_line(self, line: str) -> None:
+        """An answer: complete the request with its id; anything else breaks the process."""
         try:
-            while True:
-                raw = await child.reader.readline()
-                if not raw.endswith(b"\n"):
-                    break
-                message = decode_table_line(raw.decode("utf-8", "surrogateescape"))
-                if not isinstance(message, TableResult):
-                    raise TableProtocolError(f"unexpected message: {raw!r}")
-                entry = child.pending.get(message.id)
-                if entry is None:
-                    if message.id in child.expired:
-                        continue  # the answer to a request that timed out: harmless
-                    raise TableProtocolError(f"answer to unknown request id {message.id!r}")
-                request_op, future = entry
-                if request_op is not message.op:
-                    raise TableProtocolError(f"{message.op}-result for a {request_op} request")
-                if not future.done():
-                    future.set_result(message)
+            message = decode_table_line(line)
+            if not isinstance(message, TableResult):
+                raise TableProtocolError(f"unexpected message: {line!r}")
+            entry = self._pending.get(message.id)
+            if entry is None:
+                if message.id in self._expired:
+                    return  # the answer to a request that timed out: harmless
+                raise TableProtocolError(f"answer to unknown request id {message.id!r}")
+            request_op, future = entry
+            if request_op is not message.op:
+                raise TableProtocolError(f"{message.op}-result for a {request_op} request")
         except TableProtocolError as exc:
-            reason = f"protocol error: {exc}"
-        except (ConnectionError, ValueError, OSError) as exc:
-            reason = f"read error: {exc}"
-        if self._child is child:
-            await self._fail(child, reason)
-
-    async def _fail(self, child: _Child, reason: str) -> None:
-        """Drop a misbehaving or dead child; the next request starts another after a backoff."""
-        if child.dead:
+            self.supervisor.declare_broken(f"protocol error: {exc}")
             return
-        log.warning("warn: table %s: %s; restarting it", self.name, reason)
-        if self._child is child:
-            self._child = None
-        self._timeouts = 0
-        self._schedule_restart()
-        await self._stop_child(child, reason)
+        if not future.done():
+            future.set_result(message)
 
-    async def _stop_child(self, child: _Child, reason: str) -> None:
-        child.dead = True
-        for _op, future in child.pending.values():
+    def _on_down(self, reason: str) -> None:
+        """The process went away (or never came up): what was in flight fails temporarily."""
+        self._timeouts = 0
+        self._fail_pending(reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for _op, future in pending.values():
             if not future.done():
                 future.set_exception(TableError(f"table {self.name}: {reason}"))
-        child.pending.clear()
-        with contextlib.suppress(Exception):
-            child.writer.close()
-        process = child.process
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 2.0)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(process.wait(), 2.0)
-        current = asyncio.current_task()
-        for task in child.tasks:
-            if task is not current:
-                task.cancel()
-
-    async def _log_stderr(self, process: asyncio.subprocess.Process) -> None:
-        stream = process.stderr
-        if stream is None:
-            return
-        for _ in range(1 << 30):  # until EOF
-            raw = await stream.readline()
-            if not raw:
-                return
-            text = raw.decode("utf-8", "replace").rstrip("\n")
-            log.warning("table %s: %s", self.name, text)
 
 
 def proc_from_decl(decl: TableDecl, config: Config) -> ProcTable:
