@@ -316,7 +316,7 @@ class ProcessSupervisor:
         try:
             channel = await self._spawn()
         except (OSError, KeyError) as exc:
-            return f"cannot execute {self.spec.program.executable}: {exc}"
+            return f"cannot start: {exc}"
         try:
             await asyncio.wait_for(self._handshake(channel), self.handshake_timeout)
         except TimeoutError:
@@ -367,7 +367,11 @@ class ProcessSupervisor:
                 if line is None:
                     code = await self._exit_code()
                     return f"exited (status {code})"
-                self._on_line(line)
+                try:
+                    self._on_line(line)
+                except Exception as exc:  # an owner bug must not kill supervision
+                    self.log.exception("warn: %s: cannot handle %r", self.spec.name, line)
+                    return f"internal error: {exc}"
         finally:
             broken.cancel()
 

@@ -1,7 +1,7 @@
 """One filter process (``proc`` or ``proc-exec``) shared by every session that uses it.
 
 Speaks the filter protocol through :mod:`pigeon.protocol.filterproto` on top of a
-:class:`~pigeon.filters.supervisor.ProcessSupervisor`. Unlike OpenSMTPD, nothing a filter
+:class:`~pigeon.procs.ProcessSupervisor`. Unlike OpenSMTPD, nothing a filter
 does can stop the daemon: a protocol violation, an exit or a request that is not answered
 within the timeout fails the requests in flight with :class:`FilterFailure` (the session
 answers 421/451), and the process is restarted with backoff. Sessions that were open in
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pigeon import metrics
-from pigeon.filters.supervisor import Channel, ProcessSpec, ProcessSupervisor
+from pigeon.procs import Channel, ProcessSpec, ProcessSupervisor
 from pigeon.protocol import filterproto
 from pigeon.protocol.filterproto import FilterVersion
 
@@ -86,6 +86,7 @@ class FilterProc:
             on_down=self._on_down,
             handshake_timeout=settings.handshake_timeout,
             backoff_initial=settings.backoff_initial,
+            logger=log,
         )
 
     # -- lifecycle -----------------------------------------------------------------

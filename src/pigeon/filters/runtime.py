@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 from pigeon.config.model import Config, TableRef
 from pigeon.filters.chain import ChainMember, FilterChain, FilterSession
 from pigeon.filters.proc import DEFAULT_REQUEST_TIMEOUT, FilterProc, ProcSettings
-from pigeon.filters.supervisor import ProcessSpec
+from pigeon.procs import ProcessSpec
 from pigeon.protocol import filterproto
 from pigeon.tables.base import Table
 

@@ -185,7 +185,8 @@ class ProcTable(Table):
         try:
             return await self.supervisor.ensure_running()
         except ProcessStartFailed as exc:
-            raise TableError(f"table {self.name}: cannot start: {exc}") from None
+            why = str(exc).removeprefix("cannot start: ")
+            raise TableError(f"table {self.name}: cannot start: {why}") from None
         except ProcessNotRunning as exc:
             raise TableError(f"table {self.name}: {exc}") from None
 
@@ -238,8 +239,8 @@ class ProcTable(Table):
     # ------------------------------------------------------------------ the process's side
 
     async def _handshake(self, channel: Channel) -> None:
-        for line in encode_config(smtpd_version=SMTPD_VERSION, table_name=self.name):
-            channel.write_line(line)
+        for config_line in encode_config(smtpd_version=SMTPD_VERSION, table_name=self.name):
+            channel.write_line(config_line)
         await channel.writer.drain()
         registration = TableRegistration()
         while not registration.ready:
@@ -249,8 +250,7 @@ class ProcTable(Table):
             registration.feed(decode_table_line(line))
         services = frozenset(Service(s) for s in registration.services)
         self._process_services = self._services = services
-        self._pending.clear()  # nothing in flight belongs to the new process
-        self._expired.clear()
+        self._expired.clear()  # ids the old process was asked
         names = ", ".join(sorted(s.value for s in services))
         log.info("info: table %s: registered %s", self.name, names)
 
