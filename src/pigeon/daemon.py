@@ -21,7 +21,7 @@ from pigeon.delivery.dns import DNSSettings, MXResolver
 from pigeon.delivery.lmtp import deliver_lmtp
 from pigeon.delivery.local import LocalTarget, LocalUser
 from pigeon.delivery.local import deliver as deliver_local
-from pigeon.delivery.relay import RelayAgent, RelaySettings
+from pigeon.delivery.relay import DomainLimits, RelayAgent, RelaySettings
 from pigeon.delivery.routes import RelayRoute, parse_credentials, parse_relay_url, route_for
 from pigeon.errors import SMTPError
 from pigeon.filters.runtime import FilterManager, table_getter
@@ -108,6 +108,23 @@ def relay_settings(config: Config, helo: str, mx_port: int) -> RelaySettings:
         settings.keepalive = float(limits["session-keepalive"])
     if "max-failures-per-session" in limits:
         settings.max_failures_per_session = max(1, limits["max-failures-per-session"])
+    # `mta limit for domain D ...`: D's own values over the defaults, for mail to D.
+    for entry in config.mta_limits:
+        if entry.domain is None:
+            continue
+        base = settings.domain_limits.get(entry.domain.lower()) or settings.limits_for("")
+        values = entry.values
+        conn = [values[k] for k in ("max-conn-per-host", "max-conn-per-route") if k in values]
+        settings.domain_limits[entry.domain.lower()] = DomainLimits(
+            max_conn_per_host=max(1, min(conn)) if conn else base.max_conn_per_host,
+            max_mails_per_session=max(1, values["session-mail-max"])
+            if "session-mail-max" in values
+            else base.max_mails_per_session,
+            keepalive=float(values.get("session-keepalive", base.keepalive)),
+            max_failures_per_session=max(1, values["max-failures-per-session"])
+            if "max-failures-per-session" in values
+            else base.max_failures_per_session,
+        )
     return settings
 
 
@@ -400,9 +417,11 @@ class Daemon:
             await done
             return
         batch = [(env, None)]
-        self._batches[key] = batch
-        await asyncio.sleep(0)  # the scheduler started its siblings in the same tick
-        del self._batches[key]
+        stored = self.store.messages.get(env.msgid)
+        if stored is not None and len(stored.envelopes) > 1:
+            self._batches[key] = batch
+            await asyncio.sleep(0)  # the scheduler started its siblings in the same tick
+            del self._batches[key]
         envelopes = [e for e, _ in batch]
         dsn_relayed: set[int] = set()
         try:

@@ -212,6 +212,7 @@ class ProcessSupervisor:
         self._proc: asyncio.subprocess.Process | None = None
         self._reading: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stderr_tasks: set[asyncio.Task[None]] = set()  # held so they are not collected
         self._starting = asyncio.Lock()
         self._broken = asyncio.Event()
         self._broken_reason = "protocol error"
@@ -406,7 +407,9 @@ class ProcessSupervisor:
                 theirs.close()
         self._proc = proc
         assert proc.stderr is not None
-        asyncio.get_running_loop().create_task(self._log_stderr(proc.stderr))
+        stderr_task = asyncio.get_running_loop().create_task(self._log_stderr(proc.stderr))
+        self._stderr_tasks.add(stderr_task)
+        stderr_task.add_done_callback(self._stderr_tasks.discard)
         self.log.info("info: %s: started %s (pid %d)", spec.name, program.describe(), proc.pid)
         if ours is not None:
             reader, writer = await asyncio.open_unix_connection(sock=ours, limit=STREAM_LIMIT)

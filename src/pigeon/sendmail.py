@@ -26,6 +26,7 @@ from email.utils import formataddr, formatdate, getaddresses
 from pathlib import Path
 from typing import BinaryIO
 
+from pigeon.control.client import exchange
 from pigeon.queue import offline
 
 EX_OK = 0
@@ -213,16 +214,7 @@ def submit_online(spool: Path, sub: offline.Submission) -> tuple[bool, str]:
             "message": base64.b64encode(sub.message).decode(),
         },
     }
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(SUBMIT_TIMEOUT)
-        s.connect(str(spool / "control.sock"))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = exchange(spool, request, SUBMIT_TIMEOUT)
     if not data:
         raise ConnectionResetError("the daemon closed the connection")
     response = json.loads(data)

@@ -200,3 +200,23 @@ def test_forwarded_mail_gets_srs_sender_and_its_bounce_comes_back(site: Site) ->
         c.mail("")
         code, text = c.rcpt(forged)
         assert code == 550 and b"5.7.1" in text, text
+
+
+def test_queue_views_show_what_the_relay_agent_did(site: Site) -> None:
+    send(site, "alice@mx.local.test", ["dora@smarthost.test"], "for the views")
+    wait_for(lambda: find(site, "for the views"), what="the sink to receive it")
+    site.daemon.wait_queue_empty()
+
+    def lines(view: str) -> list[str]:
+        return site.daemon.ctl("show", view).stdout.splitlines()
+
+    stats = {line.split("|")[0]: line.split("|") for line in lines("hoststats")}
+    assert stats["smarthost.test"][2] == "250 2.0.0 Ok queued"
+    assert stats["smarthost.test"][1].isdigit()
+    relays = lines("relays")
+    assert any(
+        line.startswith(f"[relay:127.0.0.1,port={site.sink_port},smtp+notls] refcount=")
+        for line in relays
+    ), relays
+    assert any(line.startswith("127.0.0.1 127.0.0.1 refcount=") for line in lines("hosts"))
+    assert any(" <-> 127.0.0.1 (127.0.0.1) " in line for line in lines("routes"))

@@ -298,17 +298,9 @@ def _daemonize() -> None:
 
 
 def control_request(spool: Path, words: list[str], timeout: float = 30.0) -> dict[str, Any]:
-    path = spool / "control.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps({"command": words}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    from pigeon.control.client import exchange
+
+    data = exchange(spool, {"command": words}, timeout)
     result: dict[str, Any] = json.loads(data or b"{}")
     return result
 

@@ -258,10 +258,10 @@ class ControlServer:
                     f"SMTP {'paused' if d.services.smtp_paused else 'running'}",
                 ]
                 return "\n".join(lines), lines
-            case ["show", ("hosts" | "relays" | "routes" | "hoststats")]:
-                # Pigeon's relay agent keeps no per-host/route state worth listing yet:
-                # empty, as smtpctl prints when nothing is going on.
-                return "", []
+            case ["show", ("hosts" | "relays" | "routes" | "hoststats") as view]:
+                # What the relay agent tracks, in smtpctl's line formats.
+                shown = d.relay.show(view)
+                return "\n".join(shown), shown
             case ["show", "mta", "paused"]:
                 return "", []
             case ["show", "envelope", ident]:

@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from pigeon.durable import fsync_path
+
 # Errors where waiting may help (disk full, quota, lock contention, I/O hiccup).
 _TEMPORARY_ERRNOS = {
     errno.ENOSPC,
@@ -60,14 +62,6 @@ def is_junk(message: bytes) -> bool:
         if line.lower() in (b"x-spam: yes", b"x-spam-flag: yes"):
             return True
     return False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ensure_maildir(path: Path) -> None:
@@ -126,7 +120,7 @@ def maildir_deliver(
         final = target / "new" / name
         try:
             os.rename(tmp, final)
-            _fsync_dir(target / "new")
+            fsync_path(target / "new")
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()

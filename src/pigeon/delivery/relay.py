@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +63,7 @@ from pigeon.scheduler.scheduler import Outcome
 
 __all__ = [
     "ClientSession",
+    "DomainLimits",
     "HandshakeError",
     "RelayAgent",
     "RelayRoute",
@@ -204,6 +207,13 @@ class ClientSession:
         self._dead = False
         self.peer = peer
         self.mails = 0
+        self.on_close: Callable[[], None] | None = None  # called once, when the session ends
+
+    def _mark_dead(self) -> None:
+        if not self._dead:
+            self._dead = True
+            if self.on_close is not None:
+                self.on_close()
 
     @classmethod
     async def open_tcp(
@@ -266,8 +276,11 @@ class ClientSession:
         data = self._conn.data_to_send()
         if data:
             self._writer.write(data)
-            async with asyncio.timeout(self._timeout):
-                await self._writer.drain()
+            # The transport sends at once what the socket takes; waiting (and arming a
+            # timer) only pays when something is left in its buffer.
+            if self._writer.transport.get_write_buffer_size():
+                async with asyncio.timeout(self._timeout):
+                    await self._writer.drain()
 
     def _broken(self, reason: str) -> SessionFailed:
         self.abort()
@@ -321,9 +334,11 @@ class ClientSession:
     async def transact(self, txn: Transaction, body: bytes) -> TransactionReport:
         """One mail transaction; the session stays open (reuse it or ``quit``)."""
         report = TransactionReport()
-        self._conn.start_transaction(txn)
+        conn = self._conn
+        conn.start_transaction(txn)
         while True:
-            event = await self.next_event()
+            # Events already decoded need no trip through a coroutine.
+            event = conn.next_event() or await self.next_event()
             if isinstance(event, RecipientResult):
                 report.answered = True
                 if not 200 <= event.reply.code < 300:
@@ -392,7 +407,7 @@ class ClientSession:
             data = self._conn.data_to_send()
             if data:
                 self._writer.write(data)
-        self._dead = True
+        self._mark_dead()
         self._writer.close()
         with contextlib.suppress(OSError, TimeoutError, RuntimeError, ssl.SSLError):
             async with asyncio.timeout(1.0):
@@ -400,7 +415,7 @@ class ClientSession:
 
     def abort(self) -> None:
         """Drops the connection at once."""
-        self._dead = True
+        self._mark_dead()
         self._writer.transport.abort()
 
 
@@ -422,6 +437,64 @@ class RelaySettings:
     max_conn_per_host: int = 10
     max_failures_per_session: int = 25
     ca_file: str | None = None
+    # ``mta limit for domain D ...``: D (lower case) -> its limits, replacing the defaults
+    # above for mail to D (MX delivery: the recipient domain; smarthost: the relay's name).
+    domain_limits: dict[str, DomainLimits] = field(default_factory=dict)
+
+    def limits_for(self, domain: str) -> DomainLimits:
+        found = self.domain_limits.get(domain.lower()) if self.domain_limits else None
+        if found is not None:
+            return found
+        return DomainLimits(
+            self.max_conn_per_host,
+            self.max_mails_per_session,
+            self.keepalive,
+            self.max_failures_per_session,
+        )
+
+
+@dataclass(frozen=True)
+class DomainLimits:
+    """The session limits that apply to one destination domain."""
+
+    max_conn_per_host: int = 10
+    max_mails_per_session: int = 100
+    keepalive: float = 10.0
+    max_failures_per_session: int = 25
+
+
+HOSTSTAT_WINDOW = 4 * 3600.0  # OpenSMTPD keeps a domain's last result this long
+
+
+def _duration(seconds: float) -> str:
+    """``4s``, ``3m``, ``2h``, ``1d`` as smtpctl prints ages and timeouts."""
+    s = int(max(0.0, seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+@dataclass
+class _HostState:
+    """One remote address, for ``show hosts``/``show routes``."""
+
+    name: str
+    route_id: int
+    source: str | None
+    refcount: int = 0  # deliveries using it now
+    nconn: int = 0  # sessions open to it (busy or kept idle)
+    nerror: int = 0  # failed connections in a row
+    lastconn: float | None = None
+
+
+@dataclass
+class _RelayState:
+    """One relay (a smarthost, or the MX set of a domain), for ``show relays``."""
+
+    ntask: int = 0  # deliveries under way
+    nconn: int = 0
+    lastconn: float | None = None
 
 
 @dataclass(frozen=True)
@@ -450,9 +523,32 @@ class _Job:
     sender: str
     body: bytes
     dsn_relayed: set[int] | None
+    relay: str = ""  # the relay's name in ``show relays``
+    domain: str = ""  # whose ``mta limit for domain`` applies
 
 
 _PoolKey = tuple[Any, ...]
+
+
+# The same few smarthost URLs come with every message: parse each once.
+_parse_relay_url_cached = functools.lru_cache(maxsize=64)(parse_relay_url)
+
+
+@contextlib.asynccontextmanager
+async def _both(first: asyncio.Semaphore, second: asyncio.Semaphore) -> Any:
+    async with first, second:
+        yield
+
+
+def _scheme_text(plan: TLSPlan, lmtp: bool) -> str:
+    if lmtp:
+        return "lmtp"
+    return {"smtps": "smtps", "starttls": "smtp+tls", "none": "smtp+notls"}.get(plan.mode, "smtp")
+
+
+def _relay_name(url: RelayURL, plan: TLSPlan) -> str:
+    """A smarthost as smtpctl's ``show relays`` names it: ``[relay:HOST,port=N,SCHEME]``."""
+    return f"[relay:{url.host},port={url.port},{_scheme_text(plan, url.scheme == 'lmtp')}]"
 
 
 def _every(envelopes: Sequence[Envelope], outcome: Outcome) -> dict[int, Outcome]:
@@ -468,9 +564,14 @@ class RelayAgent:
         self.settings = settings
         self._resolver = resolver
         self._idle: dict[_PoolKey, list[_Idle]] = {}
-        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._limits: dict[tuple[str, ...], asyncio.Semaphore] = {}
         self._contexts: dict[tuple[bool, tuple[str, str] | None], ssl.SSLContext] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # What the queue views show (smtpctl show hosts/relays/routes/hoststats).
+        self._hosts: dict[tuple[str, int], _HostState] = {}
+        self._relays: dict[str, _RelayState] = {}
+        self._hoststats: dict[str, tuple[float, str]] = {}  # domain -> (when, last result)
+        self._route_ids = 0
 
     # ---- public
 
@@ -499,25 +600,36 @@ class RelayAgent:
             helo = route.helo or self.settings.helo
             ClientConfig(helo=helo)  # validates the name before anything is resolved
             if route.smarthost is not None:
-                url = parse_relay_url(route.smarthost)
+                url = _parse_relay_url_cached(route.smarthost)
                 plan = tls_plan(url.scheme, route.tls)
             else:
                 url = None
                 plan = tls_plan(None, route.tls)
         except ValueError as exc:
             return _every(envelopes, Outcome.tempfail(f"relay configuration error: {exc}"))
-        job = _Job(route, sender, body, dsn_relayed)
         if url is not None:
-            return await self._deliver_smarthost(url, plan, job, envelopes)
-        by_domain: dict[str, list[Envelope]] = {}
-        for env in envelopes:
-            by_domain.setdefault(env.dest.rpartition("@")[2].lower(), []).append(env)
-        results = await asyncio.gather(
-            *(self._deliver_domain(domain, plan, job, group) for domain, group in by_domain.items())
-        )
-        merged: dict[int, Outcome] = {}
-        for result in results:
-            merged.update(result)
+            job = _Job(route, sender, body, dsn_relayed, _relay_name(url, plan), url.host.lower())
+            merged = await self._deliver_smarthost(url, plan, job, envelopes)
+        else:
+            by_domain: dict[str, list[Envelope]] = {}
+            for env in envelopes:
+                by_domain.setdefault(env.dest.rpartition("@")[2].lower(), []).append(env)
+            work = [
+                self._deliver_domain(
+                    domain,
+                    plan,
+                    _Job(route, sender, body, dsn_relayed, self._mx_relay_name(domain), domain),
+                    group,
+                )
+                for domain, group in by_domain.items()
+            ]
+            if len(work) == 1:
+                merged = await work[0]
+            else:
+                merged = {}
+                for result in await asyncio.gather(*work):
+                    merged.update(result)
+        self._note_results(envelopes, merged)
         return merged
 
     async def close(self) -> None:
@@ -534,6 +646,82 @@ class RelayAgent:
     @property
     def idle_sessions(self) -> int:
         return sum(len(entries) for entries in self._idle.values())
+
+    # ---- what the queue views show (smtpctl show hosts, relays, routes, hoststats)
+
+    def show(self, view: str, now: float | None = None) -> list[str]:
+        """The lines of ``show hosts``/``relays``/``routes``/``hoststats``, in smtpctl's
+        formats (OpenSMTPD's mta.c); only what this agent actually tracks is filled in."""
+        now = time.time() if now is None else now
+
+        def age(when: float | None) -> str:
+            return "-" if when is None else _duration(now - when)
+
+        if view == "hosts":
+            return [
+                f"{address} {host.name} refcount={host.refcount + host.nconn} "
+                f"nconn={host.nconn} lastconn={age(host.lastconn)}"
+                for (address, _port), host in sorted(self._hosts.items())
+            ]
+        if view == "relays":
+            return [
+                f"{name} refcount={relay.ntask + relay.nconn} ntask={relay.ntask} "
+                f"nconn={relay.nconn} lastconn={age(relay.lastconn)}"
+                for name, relay in sorted(self._relays.items())
+            ]
+        if view == "routes":
+            idle = {key[:2] for key, entries in self._idle.items() if entries}
+            lines = []
+            for (address, port), host in sorted(self._hosts.items(), key=lambda i: i[1].route_id):
+                flags = (
+                    ("D" if host.nerror else "-")
+                    + ("N" if host.lastconn is None else "-")
+                    + ("Q" if host.refcount else "-")
+                    + ("K" if (address, port) in idle else "-")
+                )
+                lines.append(
+                    f"{host.route_id}. [{host.source or ''}] <-> {address} ({host.name}) "
+                    f"{flags} nconn={host.nconn} nerror={host.nerror} penalty=0 timeout=-"
+                )
+            return lines
+        if view == "hoststats":
+            self._expire_hoststats(now)
+            return [
+                f"{domain}|{int(when)}|{line}"
+                for domain, (when, line) in sorted(self._hoststats.items())
+            ]
+        raise ValueError(f"unknown view: {view}")
+
+    def _expire_hoststats(self, now: float) -> None:
+        old = [d for d, (when, _) in self._hoststats.items() if now - when > HOSTSTAT_WINDOW]
+        for domain in old:
+            del self._hoststats[domain]
+
+    def _note_results(self, envelopes: Sequence[Envelope], outcomes: dict[int, Outcome]) -> None:
+        """The last result per recipient domain (``show hoststats``)."""
+        now = time.time()
+        for env in envelopes:
+            outcome = outcomes.get(env.evpid)
+            if outcome is not None:
+                self._hoststats[env.dest.rpartition("@")[2].lower()] = (now, outcome.line)
+        if len(self._hoststats) > 10000:  # bounded whatever the recipients' domains
+            self._expire_hoststats(now)
+
+    def _host(self, target: _Target, route: RelayRoute) -> _HostState:
+        key = (target.address, target.port)
+        host = self._hosts.get(key)
+        if host is None:
+            if len(self._hosts) >= 1000:  # forget unused hosts rather than grow for ever
+                for old, state in list(self._hosts.items()):
+                    if not state.refcount and not state.nconn:
+                        del self._hosts[old]
+            self._route_ids += 1
+            host = self._hosts[key] = _HostState(target.name, self._route_ids, route.source)
+        return host
+
+    def _mx_relay_name(self, domain: str) -> str:
+        port = "" if self.settings.mx_port == 25 else f",port={self.settings.mx_port}"
+        return f"[relay:{domain}{port},mx]"
 
     # ---- destinations
 
@@ -596,20 +784,39 @@ class RelayAgent:
         envelopes: Sequence[Envelope],
     ) -> dict[int, Outcome]:
         errors: list[str] = []
-        for target in targets[:_MAX_ADDRESSES]:
-            async with self._limit(target):
-                result = await self._deliver_via(target, job, envelopes, errors)
-            if result is not None:
-                return result
+        relay = self._relays.setdefault(job.relay, _RelayState())
+        relay.ntask += 1
+        try:
+            for target in targets[:_MAX_ADDRESSES]:
+                host = self._host(target, job.route)
+                host.refcount += 1
+                try:
+                    async with self._limit(target, job):
+                        result = await self._deliver_via(target, job, envelopes, errors)
+                finally:
+                    host.refcount -= 1
+                if result is not None:
+                    return result
+        finally:
+            relay.ntask -= 1
         detail = f" ({errors[-1]})" if errors else ""
         return _every(envelopes, Outcome.tempfail(f"Network error on destination MXs{detail}"))
 
-    def _limit(self, target: _Target) -> asyncio.Semaphore:
-        key = (target.address, target.port)
+    def _limit(self, target: _Target, job: _Job) -> contextlib.AbstractAsyncContextManager[Any]:
+        """At most ``max-conn-per-host`` transactions at once per address and port; a
+        domain with its own limit is also held to that (OpenSMTPD: the relay's limits)."""
+        key: tuple[str, ...] = (target.address, str(target.port))
         limit = self._limits.get(key)
         if limit is None:
             limit = self._limits[key] = asyncio.Semaphore(self.settings.max_conn_per_host)
-        return limit
+        own = self.settings.domain_limits.get(job.domain) if self.settings.domain_limits else None
+        if own is None:
+            return limit
+        domain_key = (job.domain, *key)
+        domain_limit = self._limits.get(domain_key)
+        if domain_limit is None:
+            domain_limit = self._limits[domain_key] = asyncio.Semaphore(own.max_conn_per_host)
+        return _both(domain_limit, limit)
 
     async def _deliver_via(
         self,
@@ -625,7 +832,7 @@ class RelayAgent:
         for _ in range(2):  # a kept session the server dropped meanwhile: once more, fresh
             if session is None:
                 try:
-                    session = await self._connect(target, job.route)
+                    session = await self._connect(target, job.route, job)
                 except HandshakeError as exc:
                     log.info("mta: %s: %s", target.describe(), exc)
                     errors.append(f"{target.describe()}: {exc}")
@@ -635,22 +842,25 @@ class RelayAgent:
                 log.debug("mta: kept session to %s was lost, reconnecting", target.describe())
                 session, reused = None, False
                 continue
-            self._after_transaction(key, session, report)
+            self._after_transaction(key, session, report, self.settings.limits_for(job.domain))
             return outcomes
         return None  # unreachable: the second round always returns
 
     def _after_transaction(
-        self, key: _PoolKey, session: ClientSession, report: TransactionReport
+        self,
+        key: _PoolKey,
+        session: ClientSession,
+        report: TransactionReport,
+        limits: DomainLimits,
     ) -> None:
-        settings = self.settings
         if (
             report.failure is None
             and session.usable
-            and session.mails < settings.max_mails_per_session
-            and session.consecutive_rcpt_failures < settings.max_failures_per_session
-            and settings.keepalive > 0
+            and session.mails < limits.max_mails_per_session
+            and session.consecutive_rcpt_failures < limits.max_failures_per_session
+            and limits.keepalive > 0
         ):
-            self._put_idle(key, session)
+            self._put_idle(key, session, limits.keepalive)
         else:
             self._spawn(session.quit())
 
@@ -696,7 +906,27 @@ class RelayAgent:
             route.client_cert,
         )
 
-    async def _connect(self, target: _Target, route: RelayRoute) -> ClientSession:
+    async def _connect(self, target: _Target, route: RelayRoute, job: _Job) -> ClientSession:
+        host = self._host(target, route)
+        relay = self._relays.setdefault(job.relay, _RelayState())
+        host.lastconn = relay.lastconn = time.time()
+        try:
+            session = await self._connect_once(target, route)
+        except HandshakeError:
+            host.nerror += 1
+            raise
+        host.nerror = 0
+        host.nconn += 1
+        relay.nconn += 1
+
+        def closed() -> None:
+            host.nconn -= 1
+            relay.nconn -= 1
+
+        session.on_close = closed
+        return session
+
+    async def _connect_once(self, target: _Target, route: RelayRoute) -> ClientSession:
         plan = target.plan
         try:
             return await self._open(target, route, plan.mode in ("opportunistic", "starttls"))
@@ -790,11 +1020,9 @@ class RelayAgent:
         self._idle.pop(key, None)
         return None
 
-    def _put_idle(self, key: _PoolKey, session: ClientSession) -> None:
+    def _put_idle(self, key: _PoolKey, session: ClientSession, keepalive: float) -> None:
         entry = _Idle(session)
-        entry.timer = asyncio.get_running_loop().call_later(
-            self.settings.keepalive, self._expire, key, entry
-        )
+        entry.timer = asyncio.get_running_loop().call_later(keepalive, self._expire, key, entry)
         self._idle.setdefault(key, []).append(entry)
 
     def _expire(self, key: _PoolKey, entry: _Idle) -> None:

@@ -10,6 +10,7 @@ local parts are accepted).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 # RFC 5322 atext specials; identical to OpenSMTPD's MAILADDR_ALLOWED.
@@ -17,6 +18,13 @@ _ATEXT_SPECIALS = frozenset("!#$%&'*+-/=?^_`{|}~")
 MAX_LOCAL_PART = 255  # OpenSMTPD's SMTPD_MAXLOCALPARTSIZE - 1; RFC 5321 says 64.
 MAX_DOMAIN = 255
 MAX_LABEL = 63
+
+# Fast paths for the usual all-ASCII cases (the per-character loops below decide the rest).
+_ASCII_DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*"
+)
+_ASCII_DOMAIN = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AddressError(ValueError):
@@ -44,6 +52,8 @@ def valid_dot_atom(local: str, utf8: bool = False) -> bool:
     """``atom *("." atom)``: no empty atom, so no leading, trailing or double dot."""
     if not local:
         return False
+    if _ASCII_DOT_ATOM.fullmatch(local):
+        return True
     return all(atom and all(_is_atext(c, utf8) for c in atom) for atom in local.split("."))
 
 
@@ -98,6 +108,8 @@ def valid_domain(domain: str, utf8: bool = False) -> bool:
         return valid_address_literal(domain)
     if not domain or len(domain.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
         return False
+    if _ASCII_DOMAIN.fullmatch(domain):
+        return True
     for label in domain.split("."):
         if not label or len(label) > MAX_LABEL:
             return False
@@ -123,6 +135,8 @@ def _find_closing_bracket(text: str) -> int:
 
     Quoted strings and quoted pairs may contain ``>``; domain literals may not.
     """
+    if '"' not in text:
+        return text.find(">")
     in_quote = False
     i = 1
     while i < len(text):
@@ -157,7 +171,7 @@ def _strip_source_route(inner: str, utf8: bool) -> str:
 def parse_mailbox(text: str, *, utf8: bool = False, default_domain: str | None = None) -> Mailbox:
     """Validate ``local@domain``. Without ``@``, ``default_domain`` is used if given
     (OpenSMTPD makes ``<postmaster>`` into ``postmaster@<hostname>``)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if _CONTROL.search(text):
         raise AddressError("control character in address")
     if not utf8 and not text.isascii():
         raise AddressError("8-bit address without SMTPUTF8")

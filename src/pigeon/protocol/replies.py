@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+# An RFC 3463 enhanced code at the start of a reply line's text, then a space or the end.
+_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?: |\Z)")
 _REPLY_LINE = re.compile(r"([2-5]\d\d)(?:[ -](.*))?", re.DOTALL)
 
 
@@ -44,11 +46,24 @@ class Reply:
         match = _REPLY_LINE.fullmatch(line.rstrip("\r\n"))
         if match is None:
             raise ValueError(f"not an SMTP reply: {line!r}")
-        code, text = int(match.group(1)), match.group(2) or ""
-        first, _, rest = text.partition(" ")
-        if _ENHANCED.fullmatch(first) and first[0] == str(code)[0]:
-            return cls(code, rest, first)
-        return cls(code, text, None)
+        return cls.from_lines(int(match.group(1)), [match.group(2) or ""])
+
+    @classmethod
+    def from_lines(cls, code: int, lines: Sequence[str]) -> Reply:
+        """A reply from the texts of its lines (what follows ``NNN-`` or ``NNN ``).
+
+        An enhanced code of the reply's class starting the first line is lifted out, and
+        the enhanced code starting any line is then dropped from it (servers repeat it on
+        every line); otherwise the text is kept as it is.
+        """
+        match = _ENHANCED.match(lines[0])
+        if match is None or int(match.group(1)) != code // 100:
+            return cls(code, "\n".join(lines), None)
+        texts = []
+        for text in lines:
+            other = _ENHANCED.match(text)
+            texts.append(text[other.end() :] if other else text)
+        return cls(code, "\n".join(texts), match.group(0).rstrip(" "))
 
     def lines(self, enhanced_codes: bool = True) -> list[str]:
         parts = self.text.split("\n") if self.text else [""]

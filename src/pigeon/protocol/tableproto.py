@@ -24,6 +24,7 @@ from typing import TypeAlias
 __all__ = [
     "PROTOCOL_VERSION",
     "SERVICES",
+    "SERVICE_NAMES",
     "TableMessage",
     "TableOp",
     "TableProtocolError",
@@ -44,24 +45,23 @@ __all__ = [
 
 PROTOCOL_VERSION = "0.1"
 
-# Wire names of the table services (table_service_name() in smtpd); "auth" is 7.6+.
-SERVICES: frozenset[str] = frozenset(
-    {
-        "alias",
-        "domain",
-        "credentials",
-        "netaddr",
-        "userinfo",
-        "source",
-        "mailaddr",
-        "addrname",
-        "mailaddrmap",
-        "relayhost",
-        "string",
-        "regex",
-        "auth",
-    }
+# Wire names of the table services in smtpd's order (table_service_name()); "auth" is 7.6+.
+SERVICE_NAMES: tuple[str, ...] = (
+    "alias",
+    "domain",
+    "credentials",
+    "netaddr",
+    "userinfo",
+    "source",
+    "mailaddr",
+    "addrname",
+    "mailaddrmap",
+    "relayhost",
+    "string",
+    "regex",
+    "auth",
 )
+SERVICES: frozenset[str] = frozenset(SERVICE_NAMES)
 
 _TIMESTAMP = re.compile(r"[0-9]+\.[0-9]{6}")
 

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pigeon.durable import fsync_path
 from pigeon.queue import records
 from pigeon.queue.envelope import Envelope, msgid_of, new_msgid
 
@@ -54,14 +55,6 @@ class StoredMessage:
 
 def _segment_name(number: int) -> str:
     return f"{number:08d}.log"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JournalStore:
@@ -254,7 +247,7 @@ class JournalStore:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         self._size = 0
         self._segments.setdefault(self._current, set())
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
 
     async def commit(self, msgid: int, body: bytes, envelopes: list[Envelope]) -> None:
         """Store a new message with its envelopes; return once it is on disk (fsync'd)."""
@@ -378,7 +371,7 @@ class JournalStore:
             del self._segments[number]
             removed = True
         if removed and not self.readonly:
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
 
     def segment_count(self) -> int:
         return len(self._segments)

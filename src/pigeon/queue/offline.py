@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pigeon.durable import fsync_path
+
 OFFLINE_DIR = "offline"
 # Sticky (no one removes another's file) and setgid (files get the daemon's group, so a
 # daemon that dropped root can still read them; other users cannot).
@@ -109,20 +111,12 @@ def write(spool: Path, sub: Submission) -> Path:
                 path.unlink()
             raise OfflineError(f"cannot write {path}: {exc.strerror}") from exc
         os.close(fd)
-        _fsync_dir(directory)
+        # Not every user can open the 1733 directory for reading: best effort then (the file
+        # itself is synced, and its directory entry is on the journal of most file systems).
+        with contextlib.suppress(OSError):
+            fsync_path(directory)
         return path
     raise OfflineError(f"cannot find a free name in {directory}")
-
-
-def _fsync_dir(path: Path) -> None:
-    # Not every user can open the 1733 directory for reading: best effort then (the file
-    # itself is synced, and its directory entry is on the journal of most file systems).
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def pending(spool: Path) -> list[Path]:

@@ -1,9 +1,9 @@
 """``match`` rules at run time: evaluated per recipient, first match wins.
 
-``from local`` (decision, documented): the client is the local socket, or its address is a
-loopback address (all of 127.0.0.0/8 and ::1, so 127.0.0.2 counts, unlike OpenSMTPD whose
-``<localhost>`` table holds only the exact interface addresses), or one of this host's own
-addresses. The session computes this as ``MatchContext.local`` (see ``is_local_address``).
+``from local``: the client is the local socket or connects from one of this host's own
+addresses, as in OpenSMTPD (whose ``<localhost>`` holds the exact interface addresses: a
+client bound to 127.0.0.2 is not local). The session computes this as ``MatchContext.local``
+with :func:`pigeon.server.localaddr.is_local`.
 
 ``for local``: the recipient domain is one of ``local_names``: ``localhost``, the host name,
 its FQDN and the host's addresses as literals (``[192.0.2.1]``), like OpenSMTPD's
@@ -12,22 +12,20 @@ its FQDN and the host's addresses as literals (``[192.0.2.1]``), like OpenSMTPD'
 
 from __future__ import annotations
 
-import ipaddress
-import itertools
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 from pigeon.config.model import Config, Criterion, Match
+from pigeon.server.localaddr import local_addresses
 from pigeon.tables.base import Service, Table, TableResolver
 from pigeon.tables.static import domain_match, split_mailaddr
 
 
 @dataclass(frozen=True)
 class MatchContext:
-    local: bool  # client is local (socket, loopback or own address)
+    local: bool  # client is local (the local socket or one of the host's own addresses)
     socket: bool  # came through the local socket (sendmail/enqueue)
     src_ip: str  # "a.b.c.d", "v6" or "local"
     rdns: str | None
@@ -40,48 +38,9 @@ class MatchContext:
 
 
 @cache
-def host_addresses() -> frozenset[str]:
-    """This host's own IP addresses (best effort: /proc on Linux, then name resolution)."""
-    found: set[str] = set()
-    try:  # IPv4 local addresses from the routing trie
-        lines = Path("/proc/net/fib_trie").read_text().splitlines()
-        for prev, line in itertools.pairwise(lines):
-            if "/32 host LOCAL" in line:
-                found.add(prev.split()[-1])
-    except OSError:
-        pass
-    try:
-        for line in Path("/proc/net/if_inet6").read_text().splitlines():
-            raw = line.split()[0]
-            found.add(str(ipaddress.ip_address(int(raw, 16))))
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None):
-            found.add(str(info[4][0]))
-    except OSError:
-        pass
-    return frozenset(found)
-
-
-def is_local_address(address: str, own: Iterable[str] | None = None) -> bool:
-    """Loopback or one of the host's addresses (``own`` defaults to ``host_addresses()``)."""
-    text = address.strip("[]")
-    if text.lower().startswith("ipv6:"):
-        text = text[5:]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return address == "local"
-    if ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback):
-        return True
-    return str(ip) in set(own if own is not None else host_addresses())
-
-
-@cache
 def default_local_names() -> frozenset[str]:
     names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
-    names |= {f"[{a}]" for a in host_addresses()}
+    names |= {f"[{a}]" for a in local_addresses()}
     return frozenset(names)
 
 

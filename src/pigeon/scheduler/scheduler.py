@@ -148,7 +148,14 @@ class Scheduler:
     def done(self, evpid: int) -> None:
         self.inflight.discard(evpid)
         self.remove(evpid)
-        self._wake.set()
+        self._wake_if_due()
+
+    def _wake_if_due(self) -> None:
+        """Wakes the run loop when a finished attempt may let a due envelope start (the
+        in-flight cap held it back); otherwise its own timer is right already. Waking it
+        for every delivery costs a loop turn per message under load."""
+        if self._heap and self._heap[0][0] <= self.clock.now():
+            self._wake.set()
 
     # ------------------------------------------------------------------ running
 
@@ -218,7 +225,10 @@ class Scheduler:
                 if env is not None:  # try again later, not at once: no hot loop on a bug
                     self.add(env, when=self.clock.now() + BUG_RETRY_DELAY)
             finally:
-                self._wake.set()
+                if evpid in self._envelopes:  # still queued (retry, expiry): re-plan
+                    self._wake.set()
+                else:
+                    self._wake_if_due()
 
         task = asyncio.get_running_loop().create_task(runner())
         self._tasks.add(task)

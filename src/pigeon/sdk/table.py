@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO, TypeVar
 
 from pigeon.protocol.tableproto import (
+    SERVICE_NAMES,
     SERVICES,
     TableOp,
     TableProtocolError,
@@ -53,22 +54,6 @@ from pigeon.protocol.tableproto import (
 
 __all__ = ["Table", "TableFailure"]
 
-# smtpd's order of the services (table_service_name), used for the register lines.
-SERVICE_ORDER = (
-    "alias",
-    "domain",
-    "credentials",
-    "netaddr",
-    "userinfo",
-    "source",
-    "mailaddr",
-    "addrname",
-    "mailaddrmap",
-    "relayhost",
-    "string",
-    "regex",
-    "auth",
-)
 LookupHandler = Callable[[str], "str | None"]
 CheckHandler = Callable[[str], bool]
 FetchHandler = Callable[[], "str | None"]
@@ -121,7 +106,7 @@ class Table:
     def services(self) -> list[str]:
         """The services this table registers, in smtpd's service order."""
         handled = set(self._lookups) | set(self._checks) | set(self._fetches)
-        return [s for s in SERVICE_ORDER if s in handled]
+        return [s for s in SERVICE_NAMES if s in handled]  # in smtpd's order
 
     # ------------------------------------------------------------------ protocol
 

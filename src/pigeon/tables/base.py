@@ -6,11 +6,13 @@ Every key is lower-cased here, once, before any backend sees it (as OpenSMTPD's
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+from pigeon import metrics
 from pigeon.config.model import Config, TableDecl, TableRef
 
 log = logging.getLogger("pigeon.tables")
@@ -54,13 +56,18 @@ class Table(ABC):
     name: str
 
     async def lookup(self, service: Service, key: str) -> str | None:
-        return await self._lookup(service, normalize_key(service, key))
+        key = normalize_key(service, key)
+        with _measured(self.name):
+            return await self._lookup(service, key)
 
     async def check(self, service: Service, key: str) -> bool:
-        return await self._check(service, normalize_key(service, key))
+        key = normalize_key(service, key)
+        with _measured(self.name):
+            return await self._check(service, key)
 
     async def fetch(self, service: Service) -> str | None:
-        return await self._fetch(service)
+        with _measured(self.name):
+            return await self._fetch(service)
 
     async def update(self) -> None:  # noqa: B027 - optional for backends
         """Reload from the source (``smtpctl update table``); no-op for inline tables."""
@@ -82,6 +89,18 @@ class Table(ABC):
 
     async def _fetch(self, service: Service) -> str | None:
         return None
+
+
+@contextlib.contextmanager
+def _measured(table: str) -> Iterator[None]:
+    """``table_lookup_seconds`` for every lookup/check/fetch; ``table_failures`` for each
+    one that fails (TableError: the caller sees a temporary failure)."""
+    with metrics.timed("table_lookup_seconds", table=table):
+        try:
+            yield
+        except TableError:
+            metrics.count("table_failures", table=table)
+            raise
 
 
 TableFactory = Callable[[TableDecl, Config], Table]

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pigeon.config.model import Config, TableDecl
+from pigeon.durable import fsync_path
 from pigeon.tables.base import Service, Table, TableError
 from pigeon.tables.static import (
     ALL_SERVICES,
@@ -77,17 +78,9 @@ def write_map(
         tmp.unlink(missing_ok=True)
         raise
     db.close()
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, target)
-    dirfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    fsync_path(target.parent)
     return count
 
 

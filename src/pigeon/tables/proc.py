@@ -4,7 +4,8 @@
 from OpenSMTPD's add-on directory (or Pigeon's own) exactly as smtpd 7.6+ does: argv[0] is the
 table name, argv[1] the config (absent if none), and one end of a socketpair is the child's
 fd 0 *and* fd 1; stderr lines go to the log. ``table NAME proc-exec "command line"`` runs a
-command line through ``/bin/sh -c`` instead, like ``filter NAME proc-exec``.
+command line through ``/bin/sh -c`` instead, like ``filter NAME proc-exec``. The process is
+kept by :class:`pigeon.procs.ProcessSupervisor`, as filters are (restarts on demand here).
 
 Where smtpd is fragile, Pigeon is not:
 

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import replace
 
 from pigeon.config import parse_config_text
-from pigeon.rules.ruleset import MatchContext, Ruleset, is_local_address
+from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.tables.base import open_tables
 
 LOCAL_NAMES = frozenset({"localhost", "mx.example.org"})
@@ -107,11 +107,3 @@ def test_for_rcpt_to_and_domain_table() -> None:
         + 'table d { "*.example.org", "example.org" }\nmatch from any for domain <d> action "a"'
     )
     assert first(conf, rcpt_to="x@a.example.org") == "a"
-
-
-def test_local_addresses() -> None:
-    assert is_local_address("127.0.0.2", own=())
-    assert is_local_address("::1", own=())
-    assert is_local_address("192.0.2.1", own=("192.0.2.1",))
-    assert not is_local_address("192.0.2.2", own=("192.0.2.1",))
-    assert is_local_address("local", own=())
