@@ -12,6 +12,12 @@ Each run, in alternation:
 Prints the medians and the ratio end-to-end / accept-only. Target: ratio >= 0.8 and at
 least 1,000 messages/s relayed. The sink is a minimal pipelining SMTP server in its own
 process, so it is not what limits the figure.
+
+Each run also prints the CPU time (user + system, from /proc) per message of the daemon,
+the load generator and the sink. The daemon's figure is the steadier one on a shared
+machine: accept-only gives the cost of receiving, end to end that of receiving and
+relaying, so their difference is what relaying costs. The daemon is one process (one
+core), so once it is busy the ratio cannot beat receive / (receive + relay).
 """
 
 from __future__ import annotations

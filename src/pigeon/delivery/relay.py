@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import ssl
 import time
@@ -534,6 +535,16 @@ _PoolKey = tuple[Any, ...]
 _parse_relay_url_cached = functools.lru_cache(maxsize=64)(parse_relay_url)
 
 
+@functools.lru_cache(maxsize=64)
+def _literal_address(host: str) -> tuple[str, ...] | None:
+    """A smarthost given as an address: itself, without asking the resolver (and without
+    parsing it again for every message). None for a name."""
+    try:
+        return (str(ipaddress.ip_address(host)),)
+    except ValueError:
+        return None
+
+
 @contextlib.asynccontextmanager
 async def _both(first: asyncio.Semaphore, second: asyncio.Semaphore) -> Any:
     async with first, second:
@@ -766,7 +777,7 @@ class RelayAgent:
         envelopes: Sequence[Envelope],
     ) -> dict[int, Outcome]:
         try:
-            addresses = await self._resolver.addresses(url.host)
+            addresses = _literal_address(url.host) or await self._resolver.addresses(url.host)
         except SMTPError as err:
             return _every(envelopes, Outcome.tempfail(f"relay host {url.host}: {err.text}"))
         if not addresses:

@@ -34,6 +34,7 @@ from pigeon.queue.envelope import Envelope, msgid_of, new_msgid
 log = logging.getLogger("pigeon.queue")
 
 SEGMENT_SIZE = 64 * 1024 * 1024
+LAZY_SYNC_DELAY = 0.5  # seconds: how long an UPDATE/DELETE may wait for its fdatasync
 
 
 class QueueError(Exception):
@@ -76,6 +77,7 @@ class JournalStore:
         self._synced = 0  # records known durable
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._sync_task: asyncio.Task[None] | None = None
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.stats = {"syncs": 0, "records": 0}
 
@@ -277,7 +279,7 @@ class JournalStore:
             return
         msg.envelopes[envelope.evpid] = envelope
         self._append(records.encode_json(records.UPDATE, envelope.to_dict()))
-        self._schedule_sync()
+        self._schedule_lazy_sync()
 
     def delete(self, evpids: Iterable[int]) -> None:
         """Mark envelopes as done. Durable at the next sync; written to the file at once,
@@ -288,7 +290,24 @@ class JournalStore:
         self._append(records.encode_json(records.DELETE, ids))
         for evpid in ids:
             self._forget(evpid)
-        self._schedule_sync()
+        self._schedule_lazy_sync()
+
+    def _schedule_lazy_sync(self) -> None:
+        """Bookkeeping records ride on the next commit's sync, or a timer's within
+        LAZY_SYNC_DELAY: they are in the file already (a killed daemon keeps them), and
+        losing one to a power cut only means a delivery is tried again."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._schedule_sync()
+            return
+        if self._lazy_timer is None:
+            self._lazy_timer = loop.call_later(LAZY_SYNC_DELAY, self._lazy_fire)
+
+    def _lazy_fire(self) -> None:
+        self._lazy_timer = None
+        if self._fd >= 0:
+            self._schedule_sync()
 
     def _schedule_sync(self) -> None:
         try:
@@ -379,6 +398,9 @@ class JournalStore:
     # ----------------------------------------------------------------- closing
 
     async def close(self) -> None:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         if self._sync_task is not None:
             with contextlib.suppress(Exception):
                 await self._sync_task
