@@ -1,6 +1,9 @@
 """End-to-end relay benchmark: N messages accepted by Pigeon and relayed to a sink.
 
-Usage: python bench/relay.py [-n 3000] [--runs 3] [--concurrency 10]
+Usage: python bench/relay.py [-n 3000] [--runs 3] [--concurrency 10] [--relay worker]
+
+``--relay worker`` runs the daemon with its relay worker process (``pigeon run --relay
+worker``); the worker's CPU per message is then printed too.
 
 Each run, in alternation:
 
@@ -159,6 +162,18 @@ class Sink:
             self.proc.wait()
 
 
+def _children_cpu(pid: int) -> float:
+    """CPU time of the daemon's running children (the relay worker, with --relay worker)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    return sum(_proc_cpu(int(child)) for child in children)
+
+
+RELAY_MODE = "in-process"  # `pigeon run --relay` (main() sets it from --relay)
+
+
 class Pigeon:
     def __init__(self, sink_port: int, *, paused: bool, profile: Path | None = None) -> None:
         self.port = free_port()
@@ -175,12 +190,16 @@ class Pigeon:
         args = [*run, "run", "-d", "-f", str(conf), "--spool", str(self.dir / "spool")]
         if paused:
             args += ["-P", "mta"]
+        args += ["--relay", RELAY_MODE]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the daemon used so far (Linux /proc)."""
         return _proc_cpu(self.proc.pid)
+
+    def worker_cpu_seconds(self) -> float:
+        return _children_cpu(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -226,6 +245,7 @@ class RunResult:
     client_ms: float  # load generator CPU per message
     sink_ms: float  # sink CPU per message
     accepted_rate: float = 0.0  # end to end: messages/s accepted, same run
+    worker_ms: float = 0.0  # relay worker CPU per message (--relay worker)
 
 
 def _settle(cpu: Callable[[], float], *, limit: float = 5.0) -> float:
@@ -263,6 +283,7 @@ def end_to_end(n: int, concurrency: int, profile: Path | None = None) -> RunResu
     pigeon = Pigeon(sink.port, paused=False, profile=profile)
     try:
         cpu0, own0, sink0 = pigeon.cpu_seconds(), time.process_time(), sink.cpu_seconds()
+        worker0 = pigeon.worker_cpu_seconds()
         start = time.time()
         asyncio.run(load(pigeon.port, n, concurrency))
         accepted = time.time()
@@ -270,12 +291,14 @@ def end_to_end(n: int, concurrency: int, profile: Path | None = None) -> RunResu
         done = sink.wait_all(timeout=max(60.0, n / 50))
         daemon = _settle(pigeon.cpu_seconds) - cpu0
         sink_cpu = sink.cpu_seconds() - sink0
+        worker = pigeon.worker_cpu_seconds() - worker0
         return RunResult(
             n / (done - start),
             daemon * 1000 / n,
             own * 1000 / n,
             sink_cpu * 1000 / n,
             accepted_rate=n / (accepted - start),
+            worker_ms=worker * 1000 / n,
         )
     finally:
         pigeon.stop()
@@ -288,7 +311,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--profile", type=Path, help="cProfile the daemon of one relay run")
+    parser.add_argument(
+        "--relay",
+        choices=["in-process", "worker"],
+        default="in-process",
+        help="where the daemon relays (pigeon run --relay)",
+    )
     args = parser.parse_args()
+    global RELAY_MODE
+    RELAY_MODE = args.relay
     raise_nofile()
     if args.profile is not None:
         result = end_to_end(args.n, args.concurrency, profile=args.profile)
@@ -304,8 +335,8 @@ def main() -> None:
             f"run {run + 1}: accept-only {a.rate:.0f} msg/s "
             f"(daemon {a.daemon_ms:.2f} ms CPU/msg, client {a.client_ms:.2f}), "
             f"end-to-end {r.rate:.0f} msg/s (accepted at {r.accepted_rate:.0f}; "
-            f"daemon {r.daemon_ms:.2f} ms CPU/msg, client {r.client_ms:.2f}, "
-            f"sink {r.sink_ms:.2f})",
+            f"daemon {r.daemon_ms:.2f} ms CPU/msg, relay worker {r.worker_ms:.2f}, "
+            f"client {r.client_ms:.2f}, sink {r.sink_ms:.2f})",
             flush=True,
         )
     accept = statistics.median(a.rate for a in accepts)
@@ -314,7 +345,8 @@ def main() -> None:
     total_ms = statistics.median(r.daemon_ms for r in relays)
     ratio = relay / accept
     print(
-        f"\n{args.n} messages, {args.concurrency} clients, medians of {args.runs} runs\n"
+        f"\n{args.n} messages, {args.concurrency} clients, medians of {args.runs} runs, "
+        f"relay {args.relay}\n"
         f"accept only : {accept:8.0f} msg/s\n"
         f"end to end  : {relay:8.0f} msg/s (accepted and relayed to the sink)\n"
         f"ratio       : {ratio:8.2f}x  (target >= 0.80x and >= 1000 msg/s: "

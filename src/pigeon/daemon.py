@@ -17,11 +17,12 @@ from pigeon import metrics
 from pigeon.config.expand import FormatContext, FormatError, expand_format
 from pigeon.config.model import Action, Config, TableRef
 from pigeon.control.server import ControlServer
-from pigeon.delivery.dns import DNSSettings, MXResolver
+from pigeon.delivery.dns import DNSSettings
 from pigeon.delivery.lmtp import deliver_lmtp
 from pigeon.delivery.local import LocalTarget, LocalUser
 from pigeon.delivery.local import deliver as deliver_local
-from pigeon.delivery.relay import DomainLimits, RelayAgent, RelaySettings
+from pigeon.delivery.relay import DomainLimits, RelaySettings
+from pigeon.delivery.relay_service import InProcessRelay, RelayService, WorkerRelay
 from pigeon.delivery.routes import RelayRoute, parse_credentials, parse_relay_url, route_for
 from pigeon.errors import SMTPError
 from pigeon.filters.runtime import FilterManager, table_getter
@@ -63,6 +64,10 @@ mta_log = logging.getLogger("pigeon.mta")
 SWEEP_INTERVAL = 5.0
 SESSION_TIMEOUT = 300.0
 COMPACT_INTERVAL = 30.0
+# A relay action's route (its host, auth and src tables looked up) is used again for this
+# long: a message each needs it, and a proc or remote table would be asked every time.
+# `pigeon update table` forgets it at once.
+ROUTE_CACHE_SECONDS = 1.0
 
 
 @dataclass
@@ -78,6 +83,8 @@ class DaemonOptions:
     macros: Mapping[str, str] = field(default_factory=dict)
     # Local delivery, when it must go through the privileged helper (privsep.py).
     local_delivery: Callable[[LocalTarget, Envelope, bytes], Awaitable[Outcome]] | None = None
+    # Remote delivery in a relay worker process (its own core) instead of the daemon's.
+    relay_worker: bool = False
 
 
 def _format_delay(seconds: float) -> str:
@@ -141,10 +148,14 @@ class Daemon:
         self.filters = FilterManager(
             config, table_getter(self.resolver), admd=config.admd or self.hostname
         )
-        self.relay = RelayAgent(
+        # Remote delivery runs here, or in a worker process (its own core) if asked to.
+        relay_kind = WorkerRelay if options.relay_worker else InProcessRelay
+        self.relay: RelayService = relay_kind(
+            self.store,
             relay_settings(config, self.hostname, options.mx_port),
-            MXResolver(options.dns or DNSSettings()),
+            options.dns or DNSSettings(),
         )
+        self._routes: dict[int, tuple[Action, RelayRoute, float]] = {}
         # Envelopes of one message due together are delivered in one transaction.
         self._batches: dict[
             tuple[int, str], list[tuple[Envelope, asyncio.Future[None] | None]]
@@ -281,6 +292,7 @@ class Daemon:
         await self.filters.start()  # like smtpd: every filter is ready before any session
         # Proc tables handshake now: listeners need their services (auth or credentials).
         await start_tables(self.tables.values())
+        await self.relay.start()  # as root: the worker drops to the unprivileged user
         for runtime in self.listener_runtimes():
             servers = await start_listener(self.services, runtime)
             self.listeners.append((runtime, servers))
@@ -357,6 +369,7 @@ class Daemon:
         if table is None:
             raise TableError(f"no such table: {name}")
         await update_table(table)
+        self._routes.clear()
 
     async def _sweeper(self) -> None:
         while True:
@@ -446,11 +459,11 @@ class Daemon:
     async def _deliver_remote(
         self, envelopes: list[Envelope], action: Action, dsn_relayed: set[int] | None = None
     ) -> dict[int, Outcome]:
-        try:
-            body = self.store.read_body(envelopes[0].msgid)
-        except QueueError as exc:
-            return {e.evpid: Outcome.tempfail(str(exc)) for e in envelopes}
         if action.method == "lmtp":
+            try:
+                body = self.store.read_body(envelopes[0].msgid)
+            except QueueError as exc:
+                return {e.evpid: Outcome.tempfail(str(exc)) for e in envelopes}
             users = {e.evpid: (e.mda_user or e.dest.rpartition("@")[0]) for e in envelopes}
             return await deliver_lmtp(
                 action.lmtp_dest or "",
@@ -461,7 +474,7 @@ class Daemon:
                 helo=self.hostname,
             )
         try:
-            route = await self.relay_route(action)
+            route = await self._cached_route(action)
         except SMTPError as err:
             return {e.evpid: Outcome.tempfail(err.line()) for e in envelopes}
         # `relay srs`: forwarded envelopes leave with a rewritten sender, so envelopes of one
@@ -472,7 +485,7 @@ class Daemon:
         outcomes: dict[int, Outcome] = {}
         for sender, group in by_sender.items():
             outcomes.update(
-                await self.relay.deliver(route, group, body, sender=sender, dsn_relayed=dsn_relayed)
+                await self.relay.deliver(route, group, sender=sender, dsn_relayed=dsn_relayed)
             )
         return outcomes
 
@@ -482,6 +495,17 @@ class Daemon:
             return sender
         # Only forwarded mail (recipient changed by alias/virtual/.forward) is rewritten.
         return self.srs.rewrite_sender(sender, env.rcpt, env.dest, now=int(self._now()))
+
+    async def _cached_route(self, action: Action) -> RelayRoute:
+        now = time.monotonic()
+        cached = self._routes.get(id(action))
+        if cached is not None and cached[0] is action and cached[2] > now:
+            return cached[1]
+        route = await self.relay_route(action)  # failures are not kept
+        if len(self._routes) > 64:
+            self._routes.clear()
+        self._routes[id(action)] = (action, route, now + ROUTE_CACHE_SECONDS)
+        return route
 
     async def relay_route(self, action: Action) -> RelayRoute:
         """The action's relay options, with its tables looked up."""

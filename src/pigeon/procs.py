@@ -216,6 +216,7 @@ class ProcessSupervisor:
         self._starting = asyncio.Lock()
         self._broken = asyncio.Event()
         self._broken_reason = "protocol error"
+        self._read_waiter: asyncio.Task[None] | None = None  # the task in _read_loop
         self._stopping = False
 
     @property
@@ -277,6 +278,9 @@ class ProcessSupervisor:
             self.ready.clear()  # nothing more is sent to it
             self._broken_reason = reason
             self._broken.set()
+            waiter = self._read_waiter
+            if waiter is not None and waiter is not asyncio.current_task():
+                waiter.cancel()
 
     def healthy(self) -> None:
         """The process answered well: the next failure restarts it quickly again."""
@@ -351,30 +355,33 @@ class ProcessSupervisor:
         self.log.warning("warn: %s: %s, restarting in %.1fs", self.spec.name, reason, delay)
 
     async def _read_loop(self, channel: Channel) -> str:
-        broken = asyncio.ensure_future(self._broken.wait())
-        try:
-            while True:
-                reading = asyncio.ensure_future(channel.read_line())
-                done, _ = await asyncio.wait({reading, broken}, return_when=asyncio.FIRST_COMPLETED)
-                if broken in done:
-                    reading.cancel()
-                    return self._broken_reason
-                try:
-                    line = reading.result()
-                except (ValueError, asyncio.LimitOverrunError):
-                    return "line too long"
-                except (ConnectionError, OSError) as exc:
-                    return f"read error: {exc}"
-                if line is None:
-                    code = await self._exit_code()
-                    return f"exited (status {code})"
-                try:
-                    self._on_line(line)
-                except Exception as exc:  # an owner bug must not kill supervision
-                    self.log.exception("warn: %s: cannot handle %r", self.spec.name, line)
-                    return f"internal error: {exc}"
-        finally:
-            broken.cancel()
+        # It awaits the read alone (a busy add-on sends many lines: no asyncio.wait per
+        # line); declare_broken interrupts the read by cancelling this task.
+        task = asyncio.current_task()
+        while not self._broken.is_set():
+            self._read_waiter = task
+            try:
+                line = await channel.read_line()
+            except asyncio.CancelledError:
+                if self._stopping or not self._broken.is_set() or task is None:
+                    raise
+                task.uncancel()
+                break
+            except (ValueError, asyncio.LimitOverrunError):
+                return "line too long"
+            except (ConnectionError, OSError) as exc:
+                return f"read error: {exc}"
+            finally:
+                self._read_waiter = None
+            if line is None:
+                code = await self._exit_code()
+                return f"exited (status {code})"
+            try:
+                self._on_line(line)
+            except Exception as exc:  # an owner bug must not kill supervision
+                self.log.exception("warn: %s: cannot handle %r", self.spec.name, line)
+                return f"internal error: {exc}"
+        return self._broken_reason
 
     async def _spawn(self) -> Channel:
         spec = self.spec

@@ -203,6 +203,7 @@ async def reload(daemon: Daemon) -> tuple[bool, str]:
     swap(daemon, prepared)
     with contextlib.suppress(Exception):
         await prepared.staged.relay.close()  # the live relay pool stays
+    daemon.relay.reconfigure(prepared.staged.relay.settings)  # with the new `mta limit`s
     daemon.reloader.track(retire(daemon, old_filters, old_tables))
     await _update_metrics(daemon, config)
     metrics.count("config_reloads", result="ok")

@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mx-port", type=int, default=25, help="port used toward MX hosts")
     p.add_argument(
+        "--relay",
+        dest="relay_mode",
+        choices=["in-process", "worker"],
+        default=None,
+        help="where remote delivery runs: in the daemon or in a relay worker process "
+        "(default: $PIGEON_RELAY, else in-process)",
+    )
+    p.add_argument(
         "--user",
         default=None,
         metavar="NAME",
@@ -210,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_file=str(Path(args.file).absolute()) if args.file else None,
         macros=_macros(args.macros),
         local_delivery=helper.deliver if helper is not None else None,
+        relay_worker=(args.relay_mode or os.environ.get("PIGEON_RELAY", "")) == "worker",
     )
 
     async def main() -> int:

@@ -260,7 +260,7 @@ class ControlServer:
                 return "\n".join(lines), lines
             case ["show", ("hosts" | "relays" | "routes" | "hoststats") as view]:
                 # What the relay agent tracks, in smtpctl's line formats.
-                shown = d.relay.show(view)
+                shown = await d.relay.show(view)
                 return "\n".join(shown), shown
             case ["show", "mta", "paused"]:
                 return "", []

@@ -643,6 +643,13 @@ class RelayAgent:
         self._note_results(envelopes, merged)
         return merged
 
+    def reconfigure(self, settings: RelaySettings) -> None:
+        """New settings (a reload); kept sessions and what the views show stay. Connection
+        limits apply anew from the next delivery (transactions under way finish as they
+        started)."""
+        self.settings = settings
+        self._limits.clear()
+
     async def close(self) -> None:
         """Ends every kept session (QUIT) and waits for the closings under way."""
         idle = [entry for entries in self._idle.values() for entry in entries]

@@ -72,6 +72,8 @@ class JournalStore:
         self._fd = -1
         self._size = 0
         self._read_fds: dict[int, int] = {}
+        self._pinned: dict[int, int] = {}  # msgid -> readers elsewhere (the relay worker)
+        self._paths: dict[int, str] = {}  # segment number -> its path, as text
         self._lock_fd = -1
         self._appended = 0  # records appended
         self._synced = 0  # records known durable
@@ -202,6 +204,31 @@ class JournalStore:
         if len(data) != msg.body_length:
             raise QueueError(f"short read of message {msgid:08x}")
         return data
+
+    def body_location(self, msgid: int) -> tuple[str, int, int]:
+        """Where the body is: (segment path, offset, length), for a reader in another
+        process. Pin the message while that reader may use it (see :meth:`pin`)."""
+        msg = self.messages.get(msgid)
+        if msg is None:
+            raise QueueError(f"no message {msgid:08x}")
+        path = self._paths.get(msg.segment)
+        if path is None:
+            if len(self._paths) > 64:
+                self._paths.clear()
+            path = self._paths[msg.segment] = str(self.directory / _segment_name(msg.segment))
+        return path, msg.body_offset, msg.body_length
+
+    def pin(self, msgid: int) -> None:
+        """Compaction leaves the message where it is until :meth:`unpin`: a location handed
+        out by :meth:`body_location` stays valid meanwhile."""
+        self._pinned[msgid] = self._pinned.get(msgid, 0) + 1
+
+    def unpin(self, msgid: int) -> None:
+        count = self._pinned.get(msgid, 0) - 1
+        if count > 0:
+            self._pinned[msgid] = count
+        else:
+            self._pinned.pop(msgid, None)
 
     def reserve_msgid(self) -> int:
         while True:
@@ -364,6 +391,8 @@ class JournalStore:
         if len(numbers) < 2:
             return
         oldest = numbers[0]
+        if any(msgid in self._pinned for msgid in self._segments[oldest]):
+            return  # a body there is being read elsewhere: next time
         for msgid in list(self._segments[oldest]):
             msg = self.messages[msgid]
             body = self.read_body(msgid)

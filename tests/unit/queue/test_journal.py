@@ -160,3 +160,32 @@ def test_readonly_open_sees_queue_without_lock(tmp_path: Path) -> None:
     ro.open()
     assert set(ro.messages) == {msgid}
     asyncio.run(store.close())
+
+
+def test_pinned_message_stays_where_its_location_says_until_unpinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body location handed to another process (the relay worker) stays valid."""
+    monkeypatch.setattr(journal_mod, "SEGMENT_SIZE", 4096)
+
+    async def scenario() -> None:
+        store = reopen(tmp_path)
+        keep, _ = await commit_one(store, b"k" * 1000, ["keep@x"])
+        for _ in range(10):
+            _, evpids = await commit_one(store, b"d" * 1000, ["done@x"])
+            store.delete(evpids)
+        path, offset, length = store.body_location(keep)
+        store.pin(keep)
+        await store.compact()
+        assert store.body_location(keep) == (path, offset, length)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            assert f.read(length) == b"k" * 1000
+        store.unpin(keep)
+        await store.compact()
+        assert store.body_location(keep)[0] != path  # moved forward, old segment gone
+        assert not os.path.exists(path)
+        assert store.read_body(keep) == b"k" * 1000
+        await store.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,277 @@
+"""The daemon's side of remote delivery: in a worker process (the default) or in-process.
+
+Both kinds offer the same calls to the daemon: ``start``, ``deliver`` (a message of the
+queue by its envelopes: the body is looked up in the journal), ``show`` (the queue views),
+``reconfigure`` (a reload) and ``close``.
+
+:class:`WorkerRelay` runs :mod:`pigeon.delivery.worker` under a
+:class:`~pigeon.procs.ProcessSupervisor` (restarted with backoff when it dies; as root, run
+as the unprivileged user) and talks to it as ``wire.py`` describes. Several deliveries are
+in flight at once, matched by id. While the worker is down, deliveries tempfail at once and
+those in flight when it died tempfail too: the scheduler tries them again later (a message
+the worker had already handed over may then go out twice, never zero times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pigeon.delivery import wire
+from pigeon.delivery.dns import DNSSettings, MXResolver
+from pigeon.delivery.relay import RelayAgent, RelaySettings
+from pigeon.delivery.routes import RelayRoute
+from pigeon.procs import Channel, ProcCommand, ProcessSpec, ProcessSupervisor
+from pigeon.queue.envelope import Envelope
+from pigeon.queue.journal import JournalStore, QueueError
+from pigeon.scheduler.scheduler import Outcome
+
+__all__ = ["InProcessRelay", "RelayService", "WorkerRelay"]
+
+log = logging.getLogger("pigeon.mta")
+
+WORKER_NAME = "relay worker"
+
+
+class RelayService(Protocol):
+    settings: RelaySettings
+
+    async def start(self) -> None: ...
+
+    async def deliver(
+        self,
+        route: RelayRoute,
+        envelopes: Sequence[Envelope],
+        *,
+        sender: str | None = None,
+        dsn_relayed: set[int] | None = None,
+    ) -> dict[int, Outcome]: ...
+
+    async def show(self, view: str) -> list[str]: ...
+
+    def reconfigure(self, settings: RelaySettings) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _every(envelopes: Sequence[Envelope], line: str) -> dict[int, Outcome]:
+    return {e.evpid: Outcome.tempfail(line) for e in envelopes}
+
+
+class InProcessRelay:
+    """The relay agent on the daemon's own event loop (``pigeon run --relay-in-process``)."""
+
+    def __init__(self, store: JournalStore, settings: RelaySettings, dns: DNSSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.agent = RelayAgent(settings, MXResolver(dns))
+
+    async def start(self) -> None:
+        pass
+
+    async def deliver(
+        self,
+        route: RelayRoute,
+        envelopes: Sequence[Envelope],
+        *,
+        sender: str | None = None,
+        dsn_relayed: set[int] | None = None,
+    ) -> dict[int, Outcome]:
+        if not envelopes:
+            return {}
+        try:
+            body = self.store.read_body(envelopes[0].msgid)
+        except QueueError as exc:
+            return _every(envelopes, str(exc))
+        return await self.agent.deliver(
+            route, envelopes, body, sender=sender, dsn_relayed=dsn_relayed
+        )
+
+    async def show(self, view: str) -> list[str]:
+        return self.agent.show(view)
+
+    def reconfigure(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        self.agent.reconfigure(settings)
+
+    async def close(self) -> None:
+        await self.agent.close()
+
+
+class WorkerRelay:
+    """Remote delivery in a supervised worker process."""
+
+    def __init__(
+        self,
+        store: JournalStore,
+        settings: RelaySettings,
+        dns: DNSSettings,
+        *,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.dns = dns
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], list[int]]] = {}
+        self._outgoing: list[dict[str, Any]] = []
+        self._routes: dict[RelayRoute, dict[str, Any]] = {}
+        self.supervisor = ProcessSupervisor(
+            ProcessSpec(
+                WORKER_NAME,
+                ProcCommand((sys.executable, "-m", "pigeon.delivery.worker"), sys.executable),
+                socketpair=True,
+                fallback_user=None,  # as root without a run-as account: stays root, as we do
+            ),
+            handshake=self._handshake,
+            on_line=self._on_line,
+            on_down=self._on_down,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+            logger=log,
+        )
+        self._started = False
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker's process id (tests, ``show``)."""
+        proc = self.supervisor._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        self._started = True
+        if not await self.supervisor.start():
+            log.warning("warn: %s: not ready yet; relayed mail waits for it", WORKER_NAME)
+
+    def _configure_message(self) -> dict[str, Any]:
+        level = logging.getLogger("pigeon.mta").getEffectiveLevel()
+        return {"op": "configure", **wire.encode_settings(self.settings, self.dns), "level": level}
+
+    async def _handshake(self, channel: Channel) -> None:
+        channel.write_line(wire.encode_batch([self._configure_message()]))
+        line = await channel.read_line()
+        if line is None:
+            raise ConnectionError("closed during the handshake")
+        if not any(m.get("op") == "ready" for m in wire.decode_batch(line)):
+            raise ValueError(f"unexpected answer {line[:100]!r}")
+
+    def reconfigure(self, settings: RelaySettings) -> None:
+        self.settings = settings
+        if self.supervisor.ready.is_set():
+            self._send(self._configure_message())
+        # else: the next spawn's handshake sends them
+
+    async def close(self) -> None:
+        if self._started:
+            await self.supervisor.stop()
+        self._fail_pending("relay worker stopped")
+
+    # ---- requests
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(message)
+
+    def _flush(self) -> None:
+        messages, self._outgoing = self._outgoing, []
+        if messages and not self.supervisor.write_line(wire.encode_batch(messages)):
+            for message in messages:  # went down in between: _on_down answered the rest
+                self._answer(message.get("id"), {"error": "relay worker is not running"})
+
+    def _request(self, message: dict[str, Any], pinned: list[int]) -> asyncio.Future[Any]:
+        ident = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = (fut, pinned)
+        message["id"] = ident
+        self._send(message)
+        return fut
+
+    def _answer(self, ident: Any, message: dict[str, Any]) -> None:
+        entry = self._pending.pop(ident, None) if isinstance(ident, int) else None
+        if entry is None:
+            return
+        fut, pinned = entry
+        for msgid in pinned:
+            self.store.unpin(msgid)
+        if not fut.done():
+            fut.set_result(message)
+
+    def _encoded_route(self, route: RelayRoute) -> dict[str, Any]:
+        encoded = self._routes.get(route)
+        if encoded is None:
+            if len(self._routes) > 256:
+                self._routes.clear()
+            encoded = self._routes[route] = wire.encode_route(route)
+        return encoded
+
+    async def deliver(
+        self,
+        route: RelayRoute,
+        envelopes: Sequence[Envelope],
+        *,
+        sender: str | None = None,
+        dsn_relayed: set[int] | None = None,
+    ) -> dict[int, Outcome]:
+        if not envelopes:
+            return {}
+        if not self.supervisor.ready.is_set():
+            return _every(envelopes, "relay worker is not running")
+        msgid = envelopes[0].msgid
+        try:
+            location = self.store.body_location(msgid)
+        except QueueError as exc:
+            return _every(envelopes, str(exc))
+        self.store.pin(msgid)
+        answer = await self._request(
+            {
+                "op": "deliver",
+                "route": self._encoded_route(route),
+                "envelopes": [wire.encode_envelope(e) for e in envelopes],
+                "sender": sender,
+                "body": location,
+                "dsn": dsn_relayed is not None,
+            },
+            [msgid],
+        )
+        if "outcomes" not in answer:
+            return _every(envelopes, str(answer.get("error", "no answer from the relay worker")))
+        if dsn_relayed is not None:
+            dsn_relayed.update(int(e) for e in answer.get("dsn_relayed", ()))
+        return wire.decode_outcomes(answer["outcomes"])
+
+    async def show(self, view: str) -> list[str]:
+        if view not in ("hosts", "relays", "routes", "hoststats"):
+            raise ValueError(f"unknown view: {view}")
+        if not self.supervisor.ready.is_set():
+            return []  # a worker that is restarting has nothing to show yet
+        answer = await self._request({"op": "show", "view": view}, [])
+        if "lines" not in answer:
+            raise ValueError(str(answer.get("error", "no answer from the relay worker")))
+        return [str(line) for line in answer["lines"]]
+
+    # ---- what the worker says
+
+    def _on_line(self, line: str) -> None:
+        for message in wire.decode_batch(line):
+            if "id" in message:
+                self._answer(message["id"], message)
+            elif message.get("op") == "log":
+                logging.getLogger(str(message.get("name", "pigeon.mta"))).log(
+                    int(message.get("level", logging.INFO)), "%s", message.get("msg", "")
+                )
+            # "ready" after a reconfigure needs nothing
+
+    def _on_down(self, reason: str) -> None:
+        self._fail_pending(f"relay worker went away ({reason})")
+
+    def _fail_pending(self, reason: str) -> None:
+        for ident in list(self._pending):
+            self._answer(ident, {"error": reason})

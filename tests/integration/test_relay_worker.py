@@ -1,0 +1,171 @@
+"""Relaying through the relay worker process (``pigeon run --relay worker``): the queue
+views come from the worker, and a worker killed while it relays is restarted by the daemon
+with no mail lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import re
+import signal
+import smtplib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope as AioEnvelope
+from aiosmtpd.smtp import Session as AioSession
+from harness import PigeonDaemon, Workdir, free_port, wait_for
+
+GATE_LIMIT = 15.0  # seconds a held message waits at most for the gate
+# Started as root, the daemon drops to this account (one every Debian system has, as in
+# test_privsep.py) and so does the worker, which it starts before dropping.
+RUN_AS = "daemon"
+
+
+@dataclass
+class GatedSink:
+    """Accepts everything; while ``gate`` is clear, a message whose subject says "hold"
+    is kept waiting before its 250 (the relay worker is then mid-transaction)."""
+
+    subjects: list[str] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
+        data = bytes(envelope.original_content or b"")
+        match = re.search(rb"Subject: (\S+)", data)
+        subject = match.group(1).decode() if match else ""
+        if "hold" in subject:
+            self.held.set()
+            deadline = time.monotonic() + GATE_LIMIT
+            while not self.gate.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        with self.lock:
+            self.subjects.append(subject)
+        return "250 2.0.0 Ok queued"
+
+    def received(self) -> list[str]:
+        with self.lock:
+            return list(self.subjects)
+
+
+class Site:
+    def __init__(self) -> None:
+        self.sink = GatedSink()
+        self.sink_port = free_port()
+        self.controller = Controller(self.sink, hostname="127.0.0.1", port=self.sink_port)
+        self.controller.start()
+        self.work = Workdir()
+        self.port = free_port()
+        config = f"""listen on 127.0.0.1 port {self.port} hostname mx.local.test
+action "smarthost" relay host smtp+notls://127.0.0.1:{self.sink_port}
+match from local for domain "smarthost.test" action "smarthost"
+"""
+        extra = ["--relay", "worker"]
+        if os.geteuid() == 0:
+            extra += ["--user", RUN_AS]
+        self.daemon = PigeonDaemon(self.work.path, config, port=self.port, extra=extra)
+
+    def worker_pids(self) -> list[int]:
+        """The relay worker processes the daemon started, oldest first."""
+        return [
+            int(p) for p in re.findall(r"relay worker: started .* \(pid (\d+)\)", self.daemon.log())
+        ]
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    s = Site()
+    s.daemon.start()
+    try:
+        yield s
+    finally:
+        s.sink.gate.set()
+        s.daemon.stop()
+        s.controller.stop()
+        s.work.cleanup()
+
+
+def send(site: Site, subject: str, rcpt: str = "dora@smarthost.test") -> None:
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10) as client:
+        client.sendmail("alice@mx.local.test", [rcpt], f"Subject: {subject}\r\n\r\nbody\r\n")
+
+
+def test_worker_relays_and_shows_relays(site: Site) -> None:
+    site.sink.gate.set()
+    send(site, "shown")
+    wait_for(lambda: "shown" in site.sink.received(), what="the sink to receive it")
+    site.daemon.wait_queue_empty()
+    relays = site.daemon.ctl("show", "relays").stdout.splitlines()
+    assert any(
+        line.startswith(f"[relay:127.0.0.1,port={site.sink_port},smtp+notls] refcount=")
+        for line in relays
+    ), relays
+    hoststats = site.daemon.ctl("show", "hoststats").stdout
+    assert "smarthost.test|" in hoststats and "250 2.0.0 Ok queued" in hoststats
+    log = site.daemon.log()
+    # Sessions were opened by the worker; its log lines come out in the daemon's log.
+    assert "mta connecting address=smtp://127.0.0.1:" in log
+    assert "mta delivery evpid=" in log
+    pids = site.worker_pids()
+    assert pids and pids[-1] != site.daemon.proc.pid  # type: ignore[union-attr]
+
+
+def test_worker_runs_unprivileged_when_started_as_root(site: Site) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("started as an ordinary user: nothing to drop")
+    user = pwd.getpwnam(RUN_AS)
+    pid = site.worker_pids()[-1]
+    with open(f"/proc/{pid}/status") as f:
+        status = f.read()
+    uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", status, re.M)
+    assert uids is not None and int(uids.group(1)) == int(uids.group(2)) == user.pw_uid
+
+
+def test_killed_worker_is_restarted_and_no_mail_is_lost(site: Site) -> None:
+    site.sink.gate.clear()
+    site.sink.held.clear()
+    subjects = [f"hold-{i}" for i in range(3)] + [f"after-{i}" for i in range(3)]
+    for subject in subjects[:3]:
+        send(site, subject, rcpt=f"{subject}@smarthost.test")
+    wait_for(site.sink.held.is_set, what="the worker to be in a transaction")
+    old = site.worker_pids()[-1]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: site.worker_pids()[-1] != old, what="the daemon to start a new relay worker")
+    site.sink.gate.set()
+    for subject in subjects[3:]:
+        send(site, subject, rcpt=f"{subject}@smarthost.test")
+    # Mail in flight when the worker died was tempfailed: it waits for its retry time.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not set(subjects) <= set(site.sink.received()):
+        site.daemon.ctl("schedule", "all", check=False)
+        time.sleep(0.5)
+    assert set(subjects) <= set(site.sink.received()), site.daemon.log()
+    site.daemon.wait_queue_empty()
+    assert "relay worker went away" in site.daemon.log()
+    assert site.daemon.proc is not None and site.daemon.proc.poll() is None
+
+
+def test_reload_hands_new_limits_to_the_worker(site: Site) -> None:
+    site.sink.gate.set()
+
+    def hosts() -> str:
+        return site.daemon.ctl("show", "hosts").stdout
+
+    send(site, "kept")
+    wait_for(lambda: "kept" in site.sink.received(), what="the first message")
+    wait_for(lambda: " nconn=1 " in hosts(), what="the session to be kept for reuse")
+    # No keepalive any more: a session ends after its transaction.
+    site.daemon.conf.write_text(site.daemon.conf.read_text() + "mta limit session-keepalive 0\n")
+    assert "reloaded" in site.daemon.ctl("reload").stdout
+    send(site, "not-kept")
+    wait_for(lambda: "not-kept" in site.sink.received(), what="the second message")
+    # At once, not when the old 10 s keepalive ran out.
+    wait_for(lambda: " nconn=0 " in hosts(), timeout=5, what="the session to be closed")
