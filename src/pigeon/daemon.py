@@ -17,6 +17,7 @@ from pigeon import metrics
 from pigeon.config.expand import FormatContext, FormatError, expand_format
 from pigeon.config.model import Action, Config, TableRef
 from pigeon.control.server import ControlServer
+from pigeon.control.views import human_duration
 from pigeon.delivery.dns import DNSSettings
 from pigeon.delivery.lmtp import deliver_lmtp
 from pigeon.delivery.local import LocalTarget, LocalUser
@@ -88,13 +89,7 @@ class DaemonOptions:
 
 
 def _format_delay(seconds: float) -> str:
-    s = int(max(0, seconds))
-    out = ""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            out += f"{s // size}{unit}"
-            s %= size
-    return out + f"{s}s" if (s or not out) else out
+    return human_duration(int(max(0, seconds)))
 
 
 def relay_settings(config: Config, helo: str, mx_port: int) -> RelaySettings:

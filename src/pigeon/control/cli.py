@@ -154,35 +154,34 @@ def _load(path: str | None, macros: dict[str, str]) -> Any:
     return load_config(path, macros)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _load_or_report(args: argparse.Namespace) -> Any:
+    """The configuration, or None after printing why it is not valid."""
     from pigeon.config import ConfigError
 
     try:
-        _load(args.file, _macros(args.macros))
+        return _load(args.file, _macros(args.macros))
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return 1
     except OSError as exc:
         print(f"{args.file}: {exc.strerror}", file=sys.stderr)
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if _load_or_report(args) is None:
         return 1
     print("configuration OK")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pigeon.config import ConfigError
     from pigeon.daemon import Daemon, DaemonOptions
     from pigeon.log import setup_logging
     from pigeon.queue.journal import QueueLocked
     from pigeon.server.tls import TLSConfigError
 
-    try:
-        config = _load(args.file, _macros(args.macros))
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{args.file}: {exc.strerror}", file=sys.stderr)
+    config = _load_or_report(args)
+    if config is None:
         return 1
     from pigeon import privsep
 
