@@ -93,7 +93,11 @@ match from local for domain "mx-routed.test" action "mx"
             self.work.path,
             config,
             port=self.port,
-            extra=["--resolver", f"127.0.0.1:{dns.port}", "--mx-port", str(self.sink_port)],
+            # In-process relay here (the worker is the default; test_relay_worker.py).
+            extra=[
+                *("--resolver", f"127.0.0.1:{dns.port}", "--mx-port", str(self.sink_port)),
+                *("--relay", "in-process"),
+            ],
         )
 
     def received(self) -> list[Received]:

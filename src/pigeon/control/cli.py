@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["in-process", "worker"],
         default=None,
         help="where remote delivery runs: in the daemon or in a relay worker process "
-        "(default: $PIGEON_RELAY, else in-process)",
+        "(default: $PIGEON_RELAY, else worker)",
     )
     p.add_argument(
         "--user",
@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_file=str(Path(args.file).absolute()) if args.file else None,
         macros=_macros(args.macros),
         local_delivery=helper.deliver if helper is not None else None,
-        relay_worker=(args.relay_mode or os.environ.get("PIGEON_RELAY", "")) == "worker",
+        relay_worker=(args.relay_mode or os.environ.get("PIGEON_RELAY") or "worker") == "worker",
     )
 
     async def main() -> int:

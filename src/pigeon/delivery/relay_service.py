@@ -63,7 +63,7 @@ def _every(envelopes: Sequence[Envelope], line: str) -> dict[int, Outcome]:
 
 
 class InProcessRelay:
-    """The relay agent on the daemon's own event loop (``pigeon run --relay-in-process``)."""
+    """The relay agent on the daemon's own event loop (``pigeon run --relay in-process``)."""
 
     def __init__(self, store: JournalStore, settings: RelaySettings, dns: DNSSettings) -> None:
         self.store = store

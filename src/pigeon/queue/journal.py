@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +75,17 @@ class JournalStore:
         self._pinned: dict[int, int] = {}  # msgid -> readers elsewhere (the relay worker)
         self._paths: dict[int, str] = {}  # segment number -> its path, as text
         self._lock_fd = -1
-        self._appended = 0  # records appended
+        self._appended = 0  # records appended (buffered or written)
+        self._written = 0  # records in the file (os.write done)
         self._synced = 0  # records known durable
+        # Records appended during one loop iteration leave in one os.write (see _append).
+        self._buffer: list[bytes] = []
+        self._flushed_size = 0  # size of the file itself; _size also counts the buffer
+        self._flush_handle: asyncio.Handle | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._sync_task: asyncio.Task[None] | None = None
         self._lazy_timer: asyncio.TimerHandle | None = None
+        self._committing: dict[int, int] = {}  # segment -> commits waiting for their sync
         self._executor: ThreadPoolExecutor | None = None
         self.stats = {"syncs": 0, "records": 0}
 
@@ -106,7 +112,7 @@ class JournalStore:
             self._current = numbers[-1]
             path = self.directory / _segment_name(self._current)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            self._size = os.fstat(self._fd).st_size
+            self._size = self._flushed_size = os.fstat(self._fd).st_size
         else:
             self._new_segment()
         self._drop_dead_segments()
@@ -196,6 +202,7 @@ class JournalStore:
         msg = self.messages.get(msgid)
         if msg is None:
             raise QueueError(f"no message {msgid:08x}")
+        self._flush()
         fd = self._read_fds.get(msg.segment)
         if fd is None:
             fd = os.open(self.directory / _segment_name(msg.segment), os.O_RDONLY)
@@ -211,6 +218,7 @@ class JournalStore:
         msg = self.messages.get(msgid)
         if msg is None:
             raise QueueError(f"no message {msgid:08x}")
+        self._flush()
         path = self._paths.get(msg.segment)
         if path is None:
             if len(self._paths) > 64:
@@ -244,28 +252,76 @@ class JournalStore:
     # ----------------------------------------------------------------- writes
 
     def _append(self, data: bytes) -> int:
+        """Queue a record for the file; return its offset in the current segment.
+
+        Records appended during one event-loop iteration are written together by one
+        ``os.write`` (scheduled with ``call_soon``, so before the loop waits for I/O again),
+        and always before an ``fdatasync``, a rotation, a body read and at close. Outside an
+        event loop (tools, tests) the record is written at once.
+        """
         if self.readonly:
             raise QueueError("queue opened read-only")
         if self._size + len(data) > SEGMENT_SIZE and self._size > 0:
             self._rotate()
         start = self._size
+        self._buffer.append(data)
+        self._size = start + len(data)
+        self._appended += 1
+        self.stats["records"] += 1
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._flush()
+                return start
+            self._flush_handle = loop.call_soon(self._flush_soon)
+        return start
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        with contextlib.suppress(QueueError):  # their waiters got the error; it is logged
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered records. On failure (disk full, I/O error) nothing of them
+        stays in the file, every waiter of a record not written gets the QueueError, and
+        the QueueError is raised."""
+        if not self._buffer:
+            return
+        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+        self._buffer.clear()
+        start = self._flushed_size
         view = memoryview(data)
         try:
             written = 0
             while written < len(view):
                 written += os.write(self._fd, view[written:])
         except OSError as exc:
-            # Leave no half record behind (e.g. disk full), so later appends stay readable.
+            # Leave no half record behind, so later appends stay readable.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
-            raise QueueError(f"queue write failed: {exc.strerror}") from exc
-        self._size = start + len(data)
-        self._appended += 1
-        self.stats["records"] += 1
-        return start
+            self._size = start
+            self._appended = self._written  # those records are gone
+            err = QueueError(f"queue write failed: {exc.strerror}")
+            self._fail_waiters(lambda want: want > self._written, err)
+            log.error("queue: write failed: %s", exc)
+            raise err from exc
+        self._flushed_size = start + len(data)
+        self._written = self._appended
+
+    def _fail_waiters(self, affected: Callable[[int], bool], err: QueueError) -> None:
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for want, fut in self._waiters:
+            if affected(want):
+                if not fut.done():
+                    fut.set_exception(err)
+            else:
+                still.append((want, fut))
+        self._waiters = still
 
     def _rotate(self) -> None:
         # Make the old segment durable before records land in the new one.
+        self._flush()
         os.fsync(self._fd)
         os.close(self._fd)
         self._new_segment()
@@ -274,7 +330,7 @@ class JournalStore:
         self._current += 1
         path = self.directory / _segment_name(self._current)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-        self._size = 0
+        self._size = self._flushed_size = 0
         self._segments.setdefault(self._current, set())
         fsync_path(self.directory)
 
@@ -287,6 +343,9 @@ class JournalStore:
         msg = StoredMessage(msgid, self._current, body_start, len(body))
         for e in envelopes:
             msg.envelopes[e.evpid] = e
+        # Until it is indexed, the message keeps its segment alive: a rotation plus a
+        # compaction while it waits for its sync must not unlink the file it is in.
+        self._committing[msg.segment] = self._committing.get(msg.segment, 0) + 1
         try:
             await self.sync()
         except QueueError:
@@ -295,8 +354,13 @@ class JournalStore:
                 self._append(records.encode_json(records.DELETE, [e.evpid for e in envelopes]))
             self._reserved.discard(msgid)
             raise
+        finally:
+            left = self._committing.pop(msg.segment) - 1
+            if left:
+                self._committing[msg.segment] = left
         self.messages[msgid] = msg
-        self._segments[self._current].add(msgid)
+        # Its own segment: another append may have rotated to a new one meanwhile.
+        self._segments.setdefault(msg.segment, set()).add(msgid)
         self._reserved.discard(msgid)
 
     def update(self, envelope: Envelope) -> None:
@@ -314,7 +378,7 @@ class JournalStore:
         ids = [e for e in evpids if self.envelope(e) is not None]
         if not ids:
             return
-        self._append(records.encode_json(records.DELETE, ids))
+        self._append(records.encode_delete(ids))
         for evpid in ids:
             self._forget(evpid)
         self._schedule_lazy_sync()
@@ -340,8 +404,9 @@ class JournalStore:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # used outside the daemon (tools, tests): sync right away
+            self._flush()
             os.fdatasync(self._fd)
-            self._synced = self._appended
+            self._synced = self._written
             return
         if self._sync_task is None or self._sync_task.done():
             self._sync_task = loop.create_task(self._sync_loop())
@@ -359,16 +424,17 @@ class JournalStore:
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while self._synced < self._appended:
-            target = self._appended
+            with contextlib.suppress(QueueError):  # its records' waiters have the error
+                self._flush()
+            target = self._written
+            if self._synced >= target:
+                continue
             fd = self._fd
             try:
                 await loop.run_in_executor(self._executor, os.fdatasync, fd)
             except OSError as exc:
                 err = QueueError(f"queue sync failed: {exc.strerror}")
-                for _, fut in self._waiters:
-                    if not fut.done():
-                        fut.set_exception(err)
-                self._waiters.clear()
+                self._fail_waiters(lambda _want: True, err)
                 log.error("queue: fdatasync failed: %s", exc)
                 return
             self.stats["syncs"] += 1
@@ -391,6 +457,8 @@ class JournalStore:
         if len(numbers) < 2:
             return
         oldest = numbers[0]
+        if oldest in self._committing:
+            return  # a commit there is still waiting for its sync: next time
         if any(msgid in self._pinned for msgid in self._segments[oldest]):
             return  # a body there is being read elsewhere: next time
         for msgid in list(self._segments[oldest]):
@@ -399,6 +467,7 @@ class JournalStore:
             meta = {"msgid": msgid, "envelopes": [e.to_dict() for e in msg.envelopes.values()]}
             data = records.encode_message(meta, body)
             start = self._append(data)
+            self._flush()  # raises before the message is pointed at a copy not written
             msg.segment = self._current
             msg.body_offset = start + len(data) - len(body)
             self._segments[oldest].discard(msgid)
@@ -409,7 +478,7 @@ class JournalStore:
     def _drop_dead_segments(self) -> None:
         removed = False
         for number in sorted(self._segments):
-            if number == self._current or self._segments[number]:
+            if number == self._current or self._segments[number] or number in self._committing:
                 break  # oldest first only
             fd = self._read_fds.pop(number, None)
             if fd is not None:
@@ -433,7 +502,12 @@ class JournalStore:
         if self._sync_task is not None:
             with contextlib.suppress(Exception):
                 await self._sync_task
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._fd >= 0:
+            with contextlib.suppress(QueueError):
+                self._flush()
             with contextlib.suppress(OSError):
                 os.fsync(self._fd)
             os.close(self._fd)

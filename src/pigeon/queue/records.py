@@ -76,6 +76,12 @@ def encode_json(kind: int, value: Any) -> bytes:
     return encode(kind, json.dumps(value, separators=(",", ":")).encode())
 
 
+def encode_delete(evpids: list[int]) -> bytes:
+    """A DELETE record: the JSON list of the envelope ids, built without the json module
+    (one is written per delivery, and integers need no escaping)."""
+    return encode(DELETE, f"[{','.join(map(str, evpids))}]".encode())
+
+
 def decode_json(payload: bytes) -> Any:
     return json.loads(payload)
 

@@ -10,7 +10,7 @@ import pytest
 
 from pigeon.queue import journal as journal_mod
 from pigeon.queue.envelope import Envelope, new_evpid
-from pigeon.queue.journal import JournalStore, QueueLocked
+from pigeon.queue.journal import JournalStore, QueueError, QueueLocked
 
 
 def make_env(msgid: int, rcpt: str = "bob@example.test") -> Envelope:
@@ -189,3 +189,94 @@ def test_pinned_message_stays_where_its_location_says_until_unpinned(
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_records_of_one_loop_iteration_leave_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletes made together cost one os.write, and are in the file before the loop waits."""
+
+    async def scenario() -> list[int]:
+        store = reopen(tmp_path)
+        done = [await commit_one(store, b"x\r\n", ["a@x"]) for _ in range(5)]
+        writes: list[int] = []
+        real_write = os.write
+
+        def counting_write(fd: int, data: bytes | memoryview) -> int:
+            writes.append(fd)
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", counting_write)
+        for _, evpids in done:
+            store.delete(evpids)
+        assert writes == []  # still buffered in this iteration
+        await asyncio.sleep(0)
+        assert len(writes) == 1
+        monkeypatch.undo()
+        # In the file (not synced yet): a kill -9 now would not deliver them again.
+        check = JournalStore(tmp_path, readonly=True)
+        check.open()
+        assert check.messages == {}
+        await store.close()
+        return [msgid for msgid, _ in done]
+
+    asyncio.run(scenario())
+
+
+def test_failed_write_fails_the_commit_and_leaves_no_partial_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> int:
+        store = reopen(tmp_path)
+        real_write = os.write
+
+        def full_disk(fd: int, data: bytes | memoryview) -> int:
+            real_write(fd, bytes(data)[:10])  # a torn write, then the error
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full_disk)
+        with pytest.raises(QueueError):
+            await commit_one(store, b"lost\r\n", ["a@x"])
+        monkeypatch.undo()
+        assert store.messages == {}
+        msgid, _ = await commit_one(store, b"kept\r\n", ["b@x"])
+        await store.close()
+        return msgid
+
+    msgid = asyncio.run(scenario())
+    store = reopen(tmp_path)
+    assert set(store.messages) == {msgid}
+    assert store.read_body(msgid) == b"kept\r\n"
+    asyncio.run(store.close())
+
+
+def test_compaction_never_drops_a_segment_with_a_commit_waiting_for_its_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_mod, "SEGMENT_SIZE", 4096)
+
+    async def scenario() -> int:
+        store = reopen(tmp_path)
+        msgid = store.reserve_msgid()
+        envs = [make_env(msgid)]
+        pending = asyncio.get_running_loop().create_task(store.commit(msgid, b"p" * 1000, envs))
+        await asyncio.sleep(0)  # the commit has appended and now waits for its sync
+        # Another big message rotates to a new segment; compaction runs before the first
+        # commit is indexed.
+        other = store.reserve_msgid()
+        other_envs = [make_env(other)]
+        second = asyncio.get_running_loop().create_task(
+            store.commit(other, b"o" * 4000, other_envs)
+        )
+        await asyncio.sleep(0)
+        await store.compact()
+        await asyncio.gather(pending, second)
+        assert store.read_body(msgid) == b"p" * 1000
+        await store.close()
+        return msgid
+
+    msgid = asyncio.run(scenario())
+    store = reopen(tmp_path)
+    assert msgid in store.messages
+    assert store.read_body(msgid) == b"p" * 1000
+    asyncio.run(store.close())
