@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument(
         "--relay",
         choices=["in-process", "worker"],
-        default="in-process",
+        default="worker",
         help="where the daemon relays (pigeon run --relay)",
     )
     args = parser.parse_args()
