@@ -307,10 +307,11 @@ class Daemon:
         self._tasks.append(loop.create_task(self.scheduler.run()))
         self._tasks.append(loop.create_task(self._sweeper()))
         self._tasks.append(loop.create_task(self._compactor()))
+        # RuntimeError: a daemon embedded outside the main thread keeps its caller's signals.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            with contextlib.suppress(RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.reloader.on_sighup)
 
     async def reload(self) -> tuple[bool, str]:
