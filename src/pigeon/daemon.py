@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import socket
 import time
@@ -17,11 +16,11 @@ from pigeon import metrics
 from pigeon.config.expand import FormatContext, FormatError, expand_format
 from pigeon.config.model import Action, Config, TableRef
 from pigeon.control.server import ControlServer
-from pigeon.control.views import human_duration
 from pigeon.delivery.dns import DNSSettings
 from pigeon.delivery.lmtp import deliver_lmtp
 from pigeon.delivery.local import LocalTarget, LocalUser
 from pigeon.delivery.local import deliver as deliver_local
+from pigeon.delivery.logline import format_delay, log_delivery
 from pigeon.delivery.relay import DomainLimits, RelaySettings
 from pigeon.delivery.relay_service import InProcessRelay, RelayService, WorkerRelay
 from pigeon.delivery.routes import RelayRoute, parse_credentials, parse_relay_url, route_for
@@ -59,8 +58,6 @@ from pigeon.tables.base import (
 )
 
 log = logging.getLogger("pigeon")
-mda_log = logging.getLogger("pigeon.mda")
-mta_log = logging.getLogger("pigeon.mta")
 
 SWEEP_INTERVAL = 5.0
 SESSION_TIMEOUT = 300.0
@@ -88,13 +85,6 @@ class DaemonOptions:
     # The worker is the default: on two cores it relayed ~15% more mail per second
     # (bench/relay.py), as the daemon's core is then left to receiving.
     relay_worker: bool = True
-
-
-def _format_delay(seconds: float) -> str:
-    return human_duration(int(max(0, seconds)))
-
-
-_RESULT_WORDS = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "Loop"}
 
 
 def relay_settings(config: Config, helo: str, mx_port: int) -> RelaySettings:
@@ -675,7 +665,8 @@ class Daemon:
         stats = self.services.stats
         done: list[int] = []
         for env, outcome in results:
-            self._log_delivery(env, outcome, now)
+            if not outcome.logged:  # the relay worker logs what it relays
+                log_delivery(env, outcome.status, outcome.line, now)
             action = self.config.actions.get(env.dispatcher)
             metrics.count(
                 "deliveries",
@@ -704,30 +695,6 @@ class Daemon:
             for evpid in done:
                 self.scheduler.done(evpid)
 
-    def _log_delivery(self, env: Envelope, outcome: Outcome, now: float) -> None:
-        """OpenSMTPD's ``mta delivery`` / ``mda delivery`` line, built only if it is kept."""
-        logger = mta_log if env.type == "mta" else mda_log
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        # A log correlation id, as smtpd's: it needs no cryptographic strength.
-        session = f"{random.getrandbits(64):016x}"
-        result = _RESULT_WORDS[outcome.status]
-        rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
-        delay = _format_delay(now - env.ctime)
-        head = f"{session} {env.type} delivery evpid={env.evpid:016x} from=<{env.sender}> "
-        if env.type == "mta":
-            line = (
-                f'{head}to=<{env.dest}> rcpt={rcpt} delay={delay} result="{result}" '
-                f'stat="{outcome.line}"'
-            )
-        else:
-            user = env.mda_user or env.dest.rpartition("@")[0]
-            line = (
-                f"{head}to=<{env.dest}> rcpt={rcpt} user={user} delay={delay} "
-                f"result={result} stat={outcome.line}"
-            )
-        logger.info(line)  # no arguments: the line is taken as it is, never %-formatted
-
     async def _expire(self, env: Envelope) -> None:
         line = env.errorline or "Envelope expired"
         log.info(
@@ -735,7 +702,7 @@ class Daemon:
             evpid_hex(env.evpid),
             env.sender,
             env.dest,
-            _format_delay(self._now() - env.ctime),
+            format_delay(self._now() - env.ctime),
         )
         self.services.stats.incr("scheduler.envelope.expired")
         metrics.count("envelopes_expired")

@@ -19,6 +19,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 LOG_TARGETS = ("stderr", "syslog")
 LOG_FORMATS = ("text", "json")
@@ -126,3 +127,74 @@ def refresh_syslog_ident() -> None:
             handler.formatter, JSONFormatter
         ):
             handler.setFormatter(logging.Formatter(f"pigeon[{os.getpid()}]: %(message)s"))
+
+
+# ---- a child process (the relay worker) writing its lines where the daemon's go
+
+
+def describe_for_child() -> dict[str, Any] | None:
+    """How a child can write where the ``pigeon`` logger writes, or None (then it forwards
+    its records to us). ``{"target": "fd", "fd": N}`` names a file descriptor the child must
+    inherit (see :func:`child_handler`)."""
+    handlers = logging.getLogger("pigeon").handlers
+    if len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    fmt = "json" if isinstance(handler.formatter, JSONFormatter) else "text"
+    if isinstance(handler, logging.handlers.SysLogHandler):
+        if not isinstance(handler.address, str):
+            return None
+        return {"target": "syslog", "address": handler.address, "format": fmt}
+    if isinstance(handler, logging.FileHandler):
+        return {"target": "file", "path": handler.baseFilename, "format": fmt}
+    if type(handler) is logging.StreamHandler:
+        try:
+            fd = handler.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+        return {"target": "fd", "fd": fd, "format": fmt}
+    return None
+
+
+def child_handler(description: dict[str, Any]) -> logging.Handler:
+    """The handler :func:`describe_for_child` described (in the child). Raises OSError."""
+    target = description.get("target")
+    handler: logging.Handler
+    if target == "syslog":
+        handler = logging.handlers.SysLogHandler(
+            address=str(description["address"]), facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        handler.setFormatter(logging.Formatter(f"pigeon[{os.getpid()}]: %(message)s"))
+    elif target == "file":
+        handler = logging.FileHandler(str(description["path"]))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    elif target == "fd":
+        stream = open(int(description["fd"]), "w", buffering=1, closefd=True)  # noqa: SIM115
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        raise OSError(f"unknown log target {target!r}")
+    if description.get("format") == "json":
+        handler.setFormatter(JSONFormatter())
+    return handler
+
+
+def logger_levels() -> dict[str, int]:
+    """The levels set on ``pigeon`` loggers (``log verbose``, ``trace``), for a child."""
+    out: dict[str, int] = {}
+    for name, logger in logging.root.manager.loggerDict.items():
+        if not (name == "pigeon" or name.startswith("pigeon.")):
+            continue
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            out[name] = logger.level
+    return out
+
+
+def apply_levels(levels: dict[str, int]) -> None:
+    """Makes this process's ``pigeon`` loggers filter as :func:`logger_levels` said."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("pigeon.") and isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
+    logging.getLogger("pigeon").setLevel(levels.get("pigeon", logging.INFO))
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

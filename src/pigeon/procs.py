@@ -75,6 +75,7 @@ class ProcessSpec:
     group: str | None = None
     chroot: str | None = None
     socketpair: bool = False  # one socket as fd 0 and fd 1 (smtpd's proc tables), not pipes
+    pass_fds: tuple[int, ...] = ()  # also inherited, at the same numbers (the relay worker's log)
     fallback_user: str | None = UNPRIVILEGED_USER  # as root, without user or privsep account
 
     @property
@@ -402,6 +403,7 @@ class ProcessSupervisor:
                 stderr=asyncio.subprocess.PIPE,
                 limit=STREAM_LIMIT,
                 start_new_session=True,  # its own group: stopping it stops its children too
+                pass_fds=spec.pass_fds,
                 preexec_fn=privilege_dropper(creds, spec.chroot),
                 cwd="/",  # where smtpd (a daemon) runs them from
             )

@@ -118,6 +118,24 @@ def test_worker_relays_and_shows_relays(site: Site) -> None:
     assert pids and pids[-1] != site.daemon.proc.pid  # type: ignore[union-attr]
 
 
+def test_each_relayed_envelope_is_logged_once(site: Site) -> None:
+    """The worker writes the delivery lines of what it relays; the daemon must not too."""
+    site.sink.gate.set()
+    subjects = [f"once-{i}" for i in range(3)]
+    for subject in subjects:
+        send(site, subject)
+    wait_for(lambda: set(subjects) <= set(site.sink.received()), what="the sink to receive them")
+    site.daemon.wait_queue_empty()
+    lines = re.findall(
+        r"mta delivery evpid=([0-9a-f]{16}) from=<alice@mx.local.test> "
+        r'to=<dora@smarthost.test> rcpt=<-> delay=\S+ result="Ok" stat="250 2.0.0 Ok queued"',
+        site.daemon.log(),
+    )
+    counts = {evpid: lines.count(evpid) for evpid in lines}
+    assert len(counts) >= len(subjects), site.daemon.log()
+    assert set(counts.values()) == {1}, counts
+
+
 def test_worker_runs_unprivileged_when_started_as_root(site: Site) -> None:
     if os.geteuid() != 0:
         pytest.skip("started as an ordinary user: nothing to drop")

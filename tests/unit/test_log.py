@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +83,71 @@ def test_verbose_toggles_at_run_time(captured: Captured) -> None:
     logger.debug("shown")
     plog.set_verbose(False)
     assert captured.getvalue() == "shown\n"
+
+
+@pytest.fixture
+def pigeon_logger_state() -> Iterator[None]:
+    """Restores the ``pigeon`` loggers' handlers and levels a test changes."""
+    root = logging.getLogger("pigeon")
+    saved = (list(root.handlers), root.level, root.propagate)
+    mta = logging.getLogger("pigeon.mta")
+    saved_mta = mta.level
+    yield None
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    root.propagate = saved[2]
+    mta.setLevel(saved_mta)
+
+
+@pytest.mark.usefixtures("pigeon_logger_state")
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_child_writes_where_the_daemon_writes(tmp_path: Path, fmt: str) -> None:
+    """The relay worker's lines land in the daemon's stream, in the daemon's format."""
+    path = tmp_path / "daemon.log"
+    with open(path, "w") as stream:
+        handler = logging.StreamHandler(stream)
+        if fmt == "json":
+            handler.setFormatter(plog.JSONFormatter())
+        logging.getLogger("pigeon").handlers[:] = [handler]
+        description = plog.describe_for_child()
+        assert description is not None
+        assert description["target"] == "fd" and description["format"] == fmt
+        # What the child does with it (here with a copy of the descriptor, as it inherits).
+        child = plog.child_handler({**description, "fd": os.dup(description["fd"])})
+        record = logging.LogRecord(
+            "pigeon.mta", logging.INFO, "", 0, "abc mta delivery x=1", None, None
+        )
+        child.handle(record)
+        child.close()
+    text = path.read_text()
+    if fmt == "json":
+        data = json.loads(text)
+        assert data["message"] == "abc mta delivery x=1" and data["x"] == "1"
+    else:
+        assert text == "abc mta delivery x=1\n"
+
+
+@pytest.mark.usefixtures("pigeon_logger_state")
+def test_no_description_without_a_single_known_handler() -> None:
+    logging.getLogger("pigeon").handlers[:] = []
+    assert plog.describe_for_child() is None
+    logging.getLogger("pigeon").handlers[:] = [logging.NullHandler()]
+    assert plog.describe_for_child() is None
+
+
+@pytest.mark.usefixtures("pigeon_logger_state")
+def test_levels_travel_to_a_child() -> None:
+    """``log verbose`` and ``trace mta`` in the daemon reach the worker's loggers."""
+    logging.getLogger("pigeon").setLevel(logging.INFO)
+    logging.getLogger("pigeon.mta").setLevel(logging.DEBUG)
+    levels = plog.logger_levels()
+    assert levels["pigeon"] == logging.INFO and levels["pigeon.mta"] == logging.DEBUG
+    # The child starts out different...
+    logging.getLogger("pigeon").setLevel(logging.WARNING)
+    logging.getLogger("pigeon.mta").setLevel(logging.NOTSET)
+    plog.apply_levels(levels)
+    assert logging.getLogger("pigeon.mta").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("pigeon.smtp").isEnabledFor(logging.DEBUG)
+    # ...and an untrace clears the subsystem's level again.
+    plog.apply_levels({"pigeon": logging.INFO})
+    assert not logging.getLogger("pigeon.mta").isEnabledFor(logging.DEBUG)

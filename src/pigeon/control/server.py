@@ -313,6 +313,7 @@ class ControlServer:
                     logging.DEBUG if level == "verbose" else logging.INFO
                 )
                 self._reset_traces()  # as smtpctl: `log verbose` resets the trace flags
+                d.relay.sync_log_levels()
                 return "command succeeded", True
             case [("trace" | "untrace") as verb, subsystem]:
                 names = TRACE_LOGGERS.get(subsystem)
@@ -325,6 +326,7 @@ class ControlServer:
                 if subsystem == "all" and verb == "untrace":
                     self._reset_traces()
                     logging.getLogger("pigeon").setLevel(logging.INFO)
+                d.relay.sync_log_levels()
                 return "command succeeded", True
             case ["stop"]:
                 d.request_stop()

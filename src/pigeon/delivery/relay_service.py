@@ -15,8 +15,10 @@ the worker had already handed over may then go out twice, never zero times).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -25,6 +27,7 @@ from pigeon.delivery import wire
 from pigeon.delivery.dns import DNSSettings, MXResolver
 from pigeon.delivery.relay import RelayAgent, RelaySettings
 from pigeon.delivery.routes import RelayRoute
+from pigeon.log import describe_for_child, logger_levels
 from pigeon.procs import Channel, ProcCommand, ProcessSpec, ProcessSupervisor
 from pigeon.queue.envelope import Envelope
 from pigeon.queue.journal import JournalStore, QueueError
@@ -54,6 +57,8 @@ class RelayService(Protocol):
     async def show(self, view: str) -> list[str]: ...
 
     def reconfigure(self, settings: RelaySettings) -> None: ...
+
+    def sync_log_levels(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -98,6 +103,9 @@ class InProcessRelay:
         self.settings = settings
         self.agent.reconfigure(settings)
 
+    def sync_log_levels(self) -> None:
+        pass  # same process, same loggers
+
     async def close(self) -> None:
         await self.agent.close()
 
@@ -121,11 +129,20 @@ class WorkerRelay:
         self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], list[int]]] = {}
         self._outgoing: list[dict[str, Any]] = []
         self._routes: dict[RelayRoute, dict[str, Any]] = {}
+        # The worker writes its lines (a delivery line per relayed envelope, as smtpd's mta)
+        # where ours go, itself: forwarding them would cost this process as much as writing.
+        self._log = describe_for_child()
+        pass_fds: tuple[int, ...] = ()
+        if self._log is not None and self._log["target"] == "fd":
+            fd = os.dup(int(self._log["fd"]))  # not 0-2: those are the child's own
+            self._log = {**self._log, "fd": fd}
+            pass_fds = (fd,)
         self.supervisor = ProcessSupervisor(
             ProcessSpec(
                 WORKER_NAME,
                 ProcCommand((sys.executable, "-m", "pigeon.delivery.worker"), sys.executable),
                 socketpair=True,
+                pass_fds=pass_fds,
                 fallback_user=None,  # as root without a run-as account: stays root, as we do
             ),
             handshake=self._handshake,
@@ -152,7 +169,13 @@ class WorkerRelay:
 
     def _configure_message(self) -> dict[str, Any]:
         level = logging.getLogger("pigeon.mta").getEffectiveLevel()
-        return {"op": "configure", **wire.encode_settings(self.settings, self.dns), "level": level}
+        return {
+            "op": "configure",
+            **wire.encode_settings(self.settings, self.dns),
+            "level": level,
+            "levels": logger_levels(),
+            "log": self._log,
+        }
 
     async def _handshake(self, channel: Channel) -> None:
         channel.write_line(wire.encode_batch([self._configure_message()]))
@@ -168,10 +191,19 @@ class WorkerRelay:
             self._send(self._configure_message())
         # else: the next spawn's handshake sends them
 
+    def sync_log_levels(self) -> None:
+        """After ``log verbose|brief`` or ``trace``: the worker filters as we do."""
+        if self.supervisor.ready.is_set():
+            self._send({"op": "levels", "levels": logger_levels()})
+
     async def close(self) -> None:
         if self._started:
             await self.supervisor.stop()
         self._fail_pending("relay worker stopped")
+        if self._log is not None and self._log["target"] == "fd":
+            with contextlib.suppress(OSError):
+                os.close(int(self._log["fd"]))
+            self._log = None
 
     # ---- requests
 
@@ -245,7 +277,7 @@ class WorkerRelay:
             return _every(envelopes, str(answer.get("error", "no answer from the relay worker")))
         if dsn_relayed is not None:
             dsn_relayed.update(int(e) for e in answer.get("dsn_relayed", ()))
-        return wire.decode_outcomes(answer["outcomes"])
+        return wire.decode_outcomes(answer["outcomes"], logged=bool(answer.get("logged")))
 
     async def show(self, view: str) -> list[str]:
         if view not in ("hosts", "relays", "routes", "hoststats"):

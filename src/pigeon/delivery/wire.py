@@ -132,5 +132,6 @@ def encode_outcomes(outcomes: dict[int, Outcome]) -> list[list[Any]]:
     return [[evpid, o.status, o.line] for evpid, o in outcomes.items()]
 
 
-def decode_outcomes(data: list[list[Any]]) -> dict[int, Outcome]:
-    return {int(evpid): Outcome(str(status), str(line)) for evpid, status, line in data}
+def decode_outcomes(data: list[list[Any]], *, logged: bool = False) -> dict[int, Outcome]:
+    """``logged``: the worker wrote their delivery lines (the daemon must not repeat them)."""
+    return {int(evpid): Outcome(str(status), str(line), logged) for evpid, status, line in data}

@@ -4,7 +4,10 @@ Started by the daemon (``python -m pigeon.delivery.worker``, see ``relay_service
 one end of a socketpair as fd 0; as root-started daemon's child it runs as the unprivileged
 user. It runs a :class:`RelayAgent` and answers the requests of ``wire.py``: each delivery
 reads the message body from the journal segment named in the request (read-only), so the
-daemon only sends envelopes and a file position. Its log records go back to the daemon.
+daemon only sends envelopes and a file position. It writes its log lines (among them the
+``mta delivery`` line of each envelope it relays, as smtpd's mta) where the daemon's go
+(stderr, syslog or the log file: the daemon says which in ``configure``), or, when the daemon
+cannot say, sends them back to the daemon.
 
 It exits when the daemon's end of the socket closes, ending its kept sessions politely.
 """
@@ -18,12 +21,15 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections import OrderedDict
 from typing import Any
 
 from pigeon.delivery import wire
 from pigeon.delivery.dns import MXResolver
+from pigeon.delivery.logline import log_delivery
 from pigeon.delivery.relay import RelayAgent
+from pigeon.log import apply_levels, child_handler
 from pigeon.scheduler.scheduler import Outcome
 
 STREAM_LIMIT = 256 << 20  # a request line (envelopes of one message) may be long
@@ -110,6 +116,7 @@ class Worker:
         self.agent: RelayAgent | None = None
         self.segments = SegmentReader()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.logs_directly = False  # else log records travel to the daemon
 
     def handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -121,12 +128,28 @@ class Worker:
             self._show(message)
         elif op == "configure":
             self._configure(message)
+        elif op == "levels":
+            apply_levels(dict(message.get("levels") or {}))
         else:
             raise ValueError(f"unknown request {op!r}")
 
     def _configure(self, message: dict[str, Any]) -> None:
         settings, dns = wire.decode_settings(message)
-        logging.getLogger("pigeon").setLevel(int(message.get("level", logging.INFO)))
+        if "levels" in message:
+            apply_levels(dict(message["levels"] or {}))
+        else:
+            logging.getLogger("pigeon").setLevel(int(message.get("level", logging.INFO)))
+        description = message.get("log")
+        if description and not self.logs_directly:
+            try:
+                handler = child_handler(dict(description))
+            except (OSError, ValueError, KeyError) as exc:
+                logging.getLogger("pigeon.mta").warning(
+                    "warn: relay worker: cannot write logs itself (%s): the daemon does", exc
+                )
+            else:
+                logging.getLogger("pigeon").handlers[:] = [handler]
+                self.logs_directly = True
         if self.agent is None:
             self.agent = RelayAgent(settings, MXResolver(dns))
         else:
@@ -165,13 +188,17 @@ class Worker:
         except Exception as exc:  # every request gets its answer
             logging.getLogger("pigeon.mta").exception("warn: relay worker: delivery failed")
             outcomes = {e.evpid: Outcome.tempfail(f"relay worker error: {exc}") for e in envelopes}
-        self.outbox.send(
-            {
-                "id": ident,
-                "outcomes": wire.encode_outcomes(outcomes),
-                "dsn_relayed": sorted(dsn_relayed),
-            }
-        )
+        answer: dict[str, Any] = {"id": ident, "outcomes": wire.encode_outcomes(outcomes)}
+        if dsn_relayed:
+            answer["dsn_relayed"] = sorted(dsn_relayed)
+        if self.logs_directly:
+            now = time.time()
+            for env in envelopes:
+                outcome = outcomes.get(env.evpid)
+                if outcome is not None:
+                    log_delivery(env, outcome.status, outcome.line, now)
+            answer["logged"] = True
+        self.outbox.send(answer)
 
     async def sweep(self) -> None:
         while True:

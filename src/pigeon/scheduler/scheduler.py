@@ -52,6 +52,7 @@ class Outcome:
 
     status: str  # "ok", "tempfail", "permfail", "loop"
     line: str  # the reply or error text, e.g. "550 5.1.1 No such user"
+    logged: bool = False  # its delivery line is written already (by the relay worker)
 
     @classmethod
     def ok(cls, line: str = "Delivered") -> Outcome:

@@ -1,0 +1,48 @@
+"""OpenSMTPD's ``mta delivery`` / ``mda delivery`` log line for one envelope's attempt.
+
+Built by the daemon for local deliveries and by the relay worker for the mail it relays
+(as smtpd's mta process logs its own), so the daemon spends nothing on relayed lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from pigeon.control.views import human_duration
+from pigeon.queue.envelope import Envelope
+
+__all__ = ["RESULT_WORDS", "delivery_line", "format_delay", "log_delivery"]
+
+RESULT_WORDS = {"ok": "Ok", "tempfail": "TempFail", "permfail": "PermFail", "loop": "Loop"}
+
+mda_log = logging.getLogger("pigeon.mda")
+mta_log = logging.getLogger("pigeon.mta")
+
+
+def format_delay(seconds: float) -> str:
+    return human_duration(int(max(0, seconds)))
+
+
+def delivery_line(env: Envelope, status: str, stat: str, now: float) -> str:
+    # A log correlation id, as smtpd's: it needs no cryptographic strength.
+    session = f"{random.getrandbits(64):016x}"
+    result = RESULT_WORDS[status]
+    rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
+    delay = format_delay(now - env.ctime)
+    head = f"{session} {env.type} delivery evpid={env.evpid:016x} from=<{env.sender}> "
+    if env.type == "mta":
+        return f'{head}to=<{env.dest}> rcpt={rcpt} delay={delay} result="{result}" stat="{stat}"'
+    user = env.mda_user or env.dest.rpartition("@")[0]
+    return (
+        f"{head}to=<{env.dest}> rcpt={rcpt} user={user} delay={delay} result={result} stat={stat}"
+    )
+
+
+def log_delivery(env: Envelope, status: str, stat: str, now: float) -> bool:
+    """Logs the line if its logger keeps INFO; True when it was written."""
+    logger = mta_log if env.type == "mta" else mda_log
+    if not logger.isEnabledFor(logging.INFO):
+        return False
+    logger.info(delivery_line(env, status, stat, now))  # no arguments: never %-formatted
+    return True
