@@ -38,6 +38,7 @@ __all__ = ["InProcessRelay", "RelayService", "WorkerRelay"]
 log = logging.getLogger("pigeon.mta")
 
 WORKER_NAME = "relay worker"
+MAX_ROUTES = 256  # routes the worker is told about before both ends start afresh
 
 
 class RelayService(Protocol):
@@ -128,7 +129,8 @@ class WorkerRelay:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], list[int]]] = {}
         self._outgoing: list[dict[str, Any]] = []
-        self._routes: dict[RelayRoute, dict[str, Any]] = {}
+        # Routes the worker knows by number: a delivery names its route, not all its fields.
+        self._route_ids: dict[RelayRoute, int] = {}
         # The worker writes its lines (a delivery line per relayed envelope, as smtpd's mta)
         # where ours go, itself: forwarding them would cost this process as much as writing.
         self._log = describe_for_child()
@@ -178,6 +180,7 @@ class WorkerRelay:
         }
 
     async def _handshake(self, channel: Channel) -> None:
+        self._route_ids.clear()  # a new worker knows none
         channel.write_line(wire.encode_batch([self._configure_message()]))
         line = await channel.read_line()
         if line is None:
@@ -236,13 +239,16 @@ class WorkerRelay:
         if not fut.done():
             fut.set_result(message)
 
-    def _encoded_route(self, route: RelayRoute) -> dict[str, Any]:
-        encoded = self._routes.get(route)
-        if encoded is None:
-            if len(self._routes) > 256:
-                self._routes.clear()
-            encoded = self._routes[route] = wire.encode_route(route)
-        return encoded
+    def _route_id(self, route: RelayRoute) -> int:
+        """The route's number in the worker, telling it the route first if it is new."""
+        rid = self._route_ids.get(route)
+        if rid is None:
+            if len(self._route_ids) >= MAX_ROUTES:
+                self._route_ids.clear()
+                self._send({"op": "forget-routes"})
+            rid = self._route_ids[route] = next(self._ids)
+            self._send({"op": "route", "rid": rid, "route": wire.encode_route(route)})
+        return rid
 
     async def deliver(
         self,
@@ -265,7 +271,7 @@ class WorkerRelay:
         answer = await self._request(
             {
                 "op": "deliver",
-                "route": self._encoded_route(route),
+                "rid": self._route_id(route),
                 "envelopes": [wire.encode_envelope(e) for e in envelopes],
                 "sender": sender,
                 "body": location,

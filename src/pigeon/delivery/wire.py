@@ -6,17 +6,25 @@ so a busy queue costs one write and one read per batch of deliveries, not per me
 
 Daemon -> worker:
 
-* ``{"op": "configure", "settings": ..., "dns": ..., "level": N}``: the first message after
-  a spawn (the worker answers ``{"op": "ready"}``), and again after a reload;
-* ``{"op": "deliver", "id": N, "route": ..., "envelopes": [[field values], ...], "sender": S,
+* ``{"op": "configure", "settings": ..., "dns": ..., "levels": {logger: level}, "log": L}``:
+  the first message after a spawn (the worker answers ``{"op": "ready"}``), and again after a
+  reload. ``L`` says where the daemon's log lines go (``pigeon.log.describe_for_child``), so
+  the worker writes its own there; null: the worker sends them as ``log`` messages;
+* ``{"op": "route", "rid": N, "route": ...}``: a relay route (an action's options with its
+  tables looked up), numbered; ``{"op": "forget-routes"}`` drops every number (the daemon
+  then numbers anew);
+* ``{"op": "deliver", "id": N, "rid": N, "envelopes": [[field values], ...], "sender": S,
   "body": [segment path, offset, length], "dsn": bool}``: the body is read from the journal
   segment by the worker itself, so it never crosses the socket. An envelope travels as the
   values of ``ENVELOPE_FIELDS`` (what the relay agent reads, and what an Envelope needs);
+* ``{"op": "levels", "levels": {logger: level}}``: after ``log verbose`` or ``trace``;
 * ``{"op": "show", "id": N, "view": V}``.
 
 Worker -> daemon:
 
-* ``{"id": N, "outcomes": [[evpid, status, line], ...], "dsn_relayed": [evpid, ...]}``;
+* ``{"id": N, "outcomes": [[evpid, status, line], ...], "dsn_relayed": [evpid, ...],
+  "logged": true}``: ``logged`` when the worker wrote the delivery lines itself (it writes
+  its lines where the daemon's go when ``configure`` said where: ``"log"``);
 * ``{"id": N, "lines": [...]}`` or ``{"id": N, "error": "..."}``;
 * ``{"op": "log", "level": N, "name": LOGGER, "msg": TEXT}``: the worker's log records,
   written by the daemon's logging like its own.

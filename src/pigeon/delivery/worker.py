@@ -29,6 +29,7 @@ from pigeon.delivery import wire
 from pigeon.delivery.dns import MXResolver
 from pigeon.delivery.logline import log_delivery
 from pigeon.delivery.relay import RelayAgent
+from pigeon.delivery.routes import RelayRoute
 from pigeon.log import apply_levels, child_handler
 from pigeon.scheduler.scheduler import Outcome
 
@@ -117,6 +118,7 @@ class Worker:
         self.segments = SegmentReader()
         self._tasks: set[asyncio.Task[None]] = set()
         self.logs_directly = False  # else log records travel to the daemon
+        self.routes: dict[int, RelayRoute] = {}  # by the numbers the daemon gave them
 
     def handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -128,6 +130,10 @@ class Worker:
             self._show(message)
         elif op == "configure":
             self._configure(message)
+        elif op == "route":
+            self.routes[int(message["rid"])] = wire.decode_route(message["route"])
+        elif op == "forget-routes":
+            self.routes.clear()
         elif op == "levels":
             apply_levels(dict(message.get("levels") or {}))
         else:
@@ -179,7 +185,7 @@ class Worker:
                 }
             else:
                 outcomes = await self.agent.deliver(
-                    wire.decode_route(message["route"]),
+                    self.routes[int(message["rid"])],
                     envelopes,
                     body,
                     sender=message.get("sender"),
