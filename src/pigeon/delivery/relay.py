@@ -1,6 +1,6 @@
 """Remote delivery ("mta"): MX hosts or a smarthost, STARTTLS, AUTH, connection reuse.
 
-Drives the pure client state machine ``pigeon.protocol.client`` over asyncio streams. Behaviour
+Drives the pure client state machine ``pigeon.protocol.client`` as an asyncio protocol. Behaviour
 follows OpenSMTPD's ``mta.c``/``mta_session.c`` (delivery-queue.md 2.7-2.9):
 
 * MX hosts are tried in preference order, every address of each; the next one is tried when
@@ -20,20 +20,23 @@ follows OpenSMTPD's ``mta.c``/``mta_session.c`` (delivery-queue.md 2.7-2.9):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import ipaddress
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pigeon.delivery.dns import MXHost, MXResolver
 from pigeon.delivery.routes import (
     RelayRoute,
     RelayURL,
+    RouteTLS,
     TLSPlan,
     parse_relay_url,
     route_for,
@@ -80,7 +83,6 @@ __all__ = [
 
 log = logging.getLogger("pigeon.mta")
 
-_READ_SIZE = 65536
 _QUIT_TIMEOUT = 5.0  # a polite QUIT is not worth waiting the full command timeout for
 _MAX_ADDRESSES = 20  # addresses tried per attempt, whatever the DNS says
 
@@ -96,8 +98,19 @@ def reply_line(reply: Reply) -> str:
     return f"{head} {text}" if text else head
 
 
+# Replies repeat (the parser shares their objects): their lines are worked out once.
+_LINES: dict[int, tuple[Reply, str]] = {}
+
+
 def outcome_for(reply: Reply) -> Outcome:
-    line = reply_line(reply)
+    known = _LINES.get(id(reply))
+    if known is not None and known[0] is reply:
+        line = known[1]
+    else:
+        line = reply_line(reply)
+        if len(_LINES) >= 256:
+            _LINES.clear()
+        _LINES[id(reply)] = (reply, line)
     if 200 <= reply.code < 300:
         return Outcome.ok(line)
     if reply.code >= 500:
@@ -107,6 +120,8 @@ def outcome_for(reply: Reply) -> Outcome:
 
 def notify_param(bits: int) -> str | None:
     """The RCPT ``NOTIFY=`` value for an envelope's DSN bitmask; None when not requested."""
+    if not bits:
+        return None
     if bits & DSN_NEVER:
         return "NEVER"
     words = [
@@ -117,8 +132,12 @@ def notify_param(bits: int) -> str | None:
     return ",".join(words) or None
 
 
+_SPACE_OR_NUL = re.compile(r"[\s\0]")  # \s: the characters str.isspace() accepts
+_NOT_IN_PATH = re.compile(r"[\r\n\0<>]")
+
+
 def _param_value_ok(value: str) -> bool:
-    return bool(value) and value.isascii() and not any(c.isspace() or c == "\0" for c in value)
+    return bool(value) and value.isascii() and not _SPACE_OR_NUL.search(value)
 
 
 def rcpt_params(env: Envelope) -> dict[str, str | None]:
@@ -153,11 +172,11 @@ def mail_params(
 
 
 def _valid_path(address: str) -> bool:
-    return not any(c in address for c in "\r\n\0<>")
+    return not _NOT_IN_PATH.search(address)
 
 
 # --------------------------------------------------------------------------------------------
-# One client session over asyncio streams
+# One client session: an asyncio protocol
 
 
 class HandshakeError(Exception):
@@ -189,30 +208,48 @@ class TransactionReport:
         return self.failure is not None and not self.answered and not self.body_sent
 
 
-class ClientSession:
-    """A ``ClientConnection`` on a socket, with a timeout on every read and write."""
+class ClientSession(asyncio.Protocol):
+    """A ``ClientConnection`` on a socket, with a timeout on every wait for the server.
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        config: ClientConfig,
-        *,
-        timeout: float,
-        peer: str,
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    The session is the socket's asyncio protocol: received bytes go straight into the state
+    machine, and a coroutine only parks on a future when it has nothing to do but wait. The
+    timeout is a deadline that each wait pushes forward, watched by one timer re-armed only
+    when it fires: no timer object per read on the hot path of a kept session.
+    """
+
+    def __init__(self, config: ClientConfig, *, timeout: float, peer: str) -> None:
         self._conn = ClientConnection(config)
         self._timeout = timeout
-        self._dead = False
         self.peer = peer
         self.mails = 0
         self.on_close: Callable[[], None] | None = None  # called once, when the session ends
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._over_ssl = False
+        self._dead = False
+        self._lost = False  # connection_lost() came
+        self._lost_error: Exception | None = None
+        self._write_paused = False
+        self._waiter: asyncio.Future[None] | None = None  # a coroutine waiting for the server
+        self._deadline = 0.0  # when that wait times out (loop time)
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed: asyncio.Future[None] | None = None  # close() waiting for connection_lost
+        # Kept idle by RelayAgent's pool: until when (loop time), and the timer watching that.
+        self.idle_until = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def cancel_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def _mark_dead(self) -> None:
         if not self._dead:
             self._dead = True
+            self.cancel_idle_timer()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if self.on_close is not None:
                 self.on_close()
 
@@ -231,23 +268,27 @@ class ClientSession:
     ) -> ClientSession:
         """Connects (and with ``ssl_context`` does the TLS handshake: smtps). Raises OSError
         or TimeoutError."""
+        session = cls(config, timeout=timeout, peer=f"{host}:{port}")
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_connection(
+            await session._loop.create_connection(
+                lambda: session,
                 host,
                 port,
                 ssl=ssl_context,
                 server_hostname=server_hostname if ssl_context is not None else None,
                 local_addr=(local_address, 0) if local_address else None,
             )
-        return cls(reader, writer, config, timeout=timeout, peer=f"{host}:{port}")
+        session._over_ssl = ssl_context is not None
+        return session
 
     @classmethod
     async def open_unix(
         cls, path: str, config: ClientConfig, *, connect_timeout: float, timeout: float
     ) -> ClientSession:
+        session = cls(config, timeout=timeout, peer=path)
         async with asyncio.timeout(connect_timeout):
-            reader, writer = await asyncio.open_unix_connection(path)
-        return cls(reader, writer, config, timeout=timeout, peer=path)
+            await session._loop.create_unix_connection(lambda: session, path)
+        return session
 
     @property
     def extensions(self) -> Extensions:
@@ -264,24 +305,118 @@ class ClientSession:
     @property
     def usable(self) -> bool:
         """Can carry another transaction (as far as we can tell without asking)."""
+        transport = self._transport
         return (
             not self._dead
+            and not self._lost
+            and transport is not None
+            and not transport.is_closing()
             and self._conn.can_start_transaction
-            and not self._writer.is_closing()
-            and not self._reader.at_eof()
         )
+
+    # ---- asyncio.Protocol: called by the transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        conn.receive_data(data)
+        # What the replies call for (EHLO after the greeting, RSET after a refusal, QUIT)
+        # goes out now, without waking the coroutine for it.
+        out = conn.data_to_send()
+        if out:
+            assert self._transport is not None
+            self._transport.write(out)
+        waiter = self._waiter
+        if waiter is not None:
+            if conn.has_events or conn.finished:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                # Part of a reply: the server is alive, so the wait starts again (as a read
+                # with its own timeout would).
+                self._deadline = self._loop.time() + self._timeout
+
+    def eof_received(self) -> bool:
+        self._conn.receive_data(b"")
+        self._wake()
+        # Plain TCP: stay half-open so that what close() still has to say can go out
+        # (asyncio's streams do the same); TLS transports close on their own.
+        return not self._over_ssl
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._lost_error = exc
+        if exc is None:
+            self._conn.receive_data(b"")  # a no-op after eof_received or once finished
+        self._wake()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()
+
+    # ---- waiting
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        """Until a protocol callback wakes us. Raises TimeoutError when the server stays
+        silent for the timeout, OSError when the connection was lost with an error."""
+        error = self._lost_error
+        if error is not None:
+            raise error if isinstance(error, OSError) else OSError(str(error))
+        loop = self._loop
+        self._deadline = loop.time() + self._timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._dead:
+            return  # nobody waiting: the next wait arms the timer again
+        remaining = self._deadline - self._loop.time()
+        if remaining > 0.001:
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+        else:
+            waiter.set_exception(TimeoutError())
 
     # ---- driving the state machine
 
-    async def _send(self) -> None:
+    def _write(self) -> bool:
+        """Hands the state machine's output to the transport; True when the caller must wait
+        for the transport (its buffer is over the high-water mark, or the connection broke)."""
         data = self._conn.data_to_send()
         if data:
-            self._writer.write(data)
-            # The transport sends at once what the socket takes; waiting (and arming a
-            # timer) only pays when something is left in its buffer.
-            if self._writer.transport.get_write_buffer_size():
-                async with asyncio.timeout(self._timeout):
-                    await self._writer.drain()
+            transport = self._transport
+            assert transport is not None
+            transport.write(data)  # sends at once what the socket takes
+        return self._write_paused or self._lost_error is not None
+
+    async def _drain(self) -> None:
+        while self._write_paused and not self._lost:
+            await self._wait()
+        if self._lost_error is not None:
+            await self._wait()  # raises it
+
+    async def _send(self) -> None:
+        if self._write():
+            await self._drain()
 
     def _broken(self, reason: str) -> SessionFailed:
         self.abort()
@@ -289,21 +424,34 @@ class ClientSession:
 
     async def next_event(self) -> Event:
         """The next event, reading as needed. Network trouble comes back as SessionFailed."""
+        conn = self._conn
         while True:
-            event = self._conn.next_event()
+            event = conn.next_event()
             if event is not None:
                 return event
-            if self._dead or self._conn.finished:
+            if self._dead or conn.finished:
                 return self._broken("session is over")
             try:
-                await self._send()
-                async with asyncio.timeout(self._timeout):
-                    data = await self._reader.read(_READ_SIZE)
+                if self._write():
+                    await self._drain()
+                if conn.has_events or conn.finished:
+                    continue
+                # _wait(), inlined: this runs twice per relayed message.
+                if self._lost_error is not None:
+                    await self._wait()  # raises it
+                loop = self._loop
+                self._deadline = loop.time() + self._timeout
+                if self._timer is None:
+                    self._timer = loop.call_at(self._deadline, self._check_deadline)
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
             except TimeoutError:
                 return self._broken(f"timeout after {self._timeout:g}s waiting for {self.peer}")
             except OSError as exc:  # includes ssl.SSLError
                 return self._broken(f"connection error: {exc}")
-            self._conn.receive_data(data)
 
     async def handshake(
         self, starttls: ssl.SSLContext | None = None, server_hostname: str | None = None
@@ -323,13 +471,24 @@ class ClientSession:
             raise HandshakeError(f"unexpected {type(event).__name__} during the handshake")
 
     async def _start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        transport = self._transport
+        assert transport is not None
         try:
             async with asyncio.timeout(self._timeout):
-                await self._writer.start_tls(context, server_hostname=server_hostname)
+                while self._write_paused and not self._lost:
+                    await self._wait()
+                tls_transport = await self._loop.start_tls(
+                    transport, self, context, server_hostname=server_hostname
+                )
         except (OSError, TimeoutError) as exc:
             self.abort()
             detail = str(exc) or type(exc).__name__
             raise HandshakeError(f"TLS handshake failed: {detail}", tls_failed=True) from None
+        if tls_transport is None:  # the connection went away during the handshake
+            self.abort()
+            raise HandshakeError("TLS handshake failed: connection lost", tls_failed=True)
+        self._transport = tls_transport
+        self._over_ssl = True
         self._conn.tls_started()
 
     async def transact(self, txn: Transaction, body: bytes) -> TransactionReport:
@@ -340,15 +499,23 @@ class ClientSession:
         while True:
             # Events already decoded need no trip through a coroutine.
             event = conn.next_event() or await self.next_event()
-            if isinstance(event, RecipientResult):
+            kind = type(event)
+            if kind is RecipientResult:
+                assert isinstance(event, RecipientResult)
                 report.answered = True
                 if not 200 <= event.reply.code < 300:
                     report.replies[event.index] = event.reply
-            elif isinstance(event, DataReady):
-                self._conn.send_body(body)
+            elif kind is DataReady:
+                conn.send_body(body)
                 report.body_sent = True
-            elif isinstance(event, DeliveryResult):
+            elif kind is DeliveryResult:
+                assert isinstance(event, DeliveryResult)
                 report.replies[event.index] = event.reply
+            elif kind is TransactionResult:
+                assert isinstance(event, TransactionResult)
+                if event.stage == "eom":
+                    self.mails += 1
+                break
             elif isinstance(event, MailRejected) and event.reply.code == 421:
                 # The server is closing the session (often a kept one it timed out): nothing
                 # was decided, so the caller may try again on a fresh connection.
@@ -359,10 +526,6 @@ class ClientSession:
                 report.answered = True
                 for index in range(len(txn.recipients)):
                     report.replies.setdefault(index, event.reply)
-                break
-            elif isinstance(event, TransactionResult):
-                if event.stage == "eom":
-                    self.mails += 1
                 break
             elif isinstance(event, SessionFailed):
                 self.abort()
@@ -404,20 +567,26 @@ class ClientSession:
         """Sends what is pending (a polite QUIT after a failure) and closes."""
         if self._dead:
             return
-        with contextlib.suppress(OSError, TimeoutError, RuntimeError):
-            data = self._conn.data_to_send()
-            if data:
-                self._writer.write(data)
+        transport = self._transport
         self._mark_dead()
-        self._writer.close()
-        with contextlib.suppress(OSError, TimeoutError, RuntimeError, ssl.SSLError):
-            async with asyncio.timeout(1.0):
-                await self._writer.wait_closed()
+        if transport is None:
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            data = self._conn.data_to_send()
+            if data and not transport.is_closing():
+                transport.write(data)
+        transport.close()
+        if not self._lost:
+            self._closed = self._loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._closed
 
     def abort(self) -> None:
         """Drops the connection at once."""
         self._mark_dead()
-        self._writer.transport.abort()
+        if self._transport is not None:
+            self._transport.abort()
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,12 +680,6 @@ class _Target:
 
 
 @dataclass
-class _Idle:
-    session: ClientSession
-    timer: asyncio.TimerHandle | None = None
-
-
-@dataclass
 class _Job:
     """One deliver() call: what every destination of it shares."""
 
@@ -531,8 +694,43 @@ class _Job:
 _PoolKey = tuple[Any, ...]
 
 
-# The same few smarthost URLs come with every message: parse each once.
-_parse_relay_url_cached = functools.lru_cache(maxsize=64)(parse_relay_url)
+# The same few smarthosts and HELO names come with every message: work each out once.
+
+
+class _Smarthost:
+    """A smarthost URL with a route's ``tls`` option, parsed, and what follows from them."""
+
+    def __init__(self, text: str, tls: RouteTLS) -> None:
+        self.url = parse_relay_url(text)
+        self.plan = tls_plan(self.url.scheme, tls)
+        self.relay_name = _relay_name(self.url, self.plan)
+        self.domain = self.url.host.lower()
+        self.literal = _literal_address(self.url.host)  # None: a name to resolve
+        self._targets: dict[tuple[str, ...], tuple[_Target, ...]] = {}
+
+    def targets(self, addresses: Sequence[str]) -> tuple[_Target, ...]:
+        key = tuple(addresses)
+        found = self._targets.get(key)
+        if found is None:
+            if len(self._targets) >= 16:  # names whose addresses change: stay bounded
+                self._targets.clear()
+            url = self.url
+            lmtp = url.scheme == "lmtp"
+            found = tuple(_Target(url.host, a, url.port, lmtp, self.plan) for a in key)
+            self._targets[key] = found
+        return found
+
+
+@functools.lru_cache(maxsize=64)
+def _smarthost(text: str, tls: RouteTLS) -> _Smarthost:
+    """Raises ValueError (not cached: raised again on every call)."""
+    return _Smarthost(text, tls)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_helo(helo: str) -> None:
+    """Raises ValueError for a name ``ClientConfig`` refuses (not cached: raised again)."""
+    ClientConfig(helo=helo)
 
 
 @functools.lru_cache(maxsize=64)
@@ -545,10 +743,68 @@ def _literal_address(host: str) -> tuple[str, ...] | None:
         return None
 
 
-@contextlib.asynccontextmanager
-async def _both(first: asyncio.Semaphore, second: asyncio.Semaphore) -> Any:
-    async with first, second:
-        yield
+class _Limiter:
+    """A FIFO counting semaphore, cheaper than ``asyncio.Semaphore`` where it matters here: a
+    free slot is taken without a coroutine (asyncio's also checks its waiters with a generator).
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        """Takes a slot if one is free and nobody queues for it."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.take_now():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # give_back hands its slot over: _free is not incremented meanwhile
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give_back()  # handed a slot, but cancelled before taking it: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def give_back(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
+class _LimiterPair:
+    """A domain's own limit and the address's: both held, taken in that order."""
+
+    def __init__(self, first: _Limiter, second: _Limiter) -> None:
+        self._first = first
+        self._second = second
+
+    def take_now(self) -> bool:
+        return False  # rare: the waiting path does for it
+
+    async def take(self) -> None:
+        await self._first.take()
+        try:
+            await self._second.take()
+        except BaseException:
+            self._first.give_back()
+            raise
+
+    def give_back(self) -> None:
+        self._second.give_back()
+        self._first.give_back()
 
 
 def _scheme_text(plan: TLSPlan, lmtp: bool) -> str:
@@ -574,8 +830,8 @@ class RelayAgent:
     def __init__(self, settings: RelaySettings, resolver: MXResolver) -> None:
         self.settings = settings
         self._resolver = resolver
-        self._idle: dict[_PoolKey, list[_Idle]] = {}
-        self._limits: dict[tuple[str, ...], asyncio.Semaphore] = {}
+        self._idle: dict[_PoolKey, list[ClientSession]] = {}  # kept sessions, newest last
+        self._limits: dict[tuple[str | int, ...], _Limiter] = {}
         self._contexts: dict[tuple[bool, tuple[str, str] | None], ssl.SSLContext] = {}
         self._background: set[asyncio.Task[None]] = set()
         # What the queue views show (smtpctl show hosts/relays/routes/hoststats).
@@ -608,19 +864,17 @@ class RelayAgent:
         if not _valid_path(sender):
             return _every(envelopes, Outcome.permfail(f"invalid sender address: {sender!r}"))
         try:
-            helo = route.helo or self.settings.helo
-            ClientConfig(helo=helo)  # validates the name before anything is resolved
+            _check_helo(route.helo or self.settings.helo)  # before anything is resolved
             if route.smarthost is not None:
-                url = _parse_relay_url_cached(route.smarthost)
-                plan = tls_plan(url.scheme, route.tls)
+                smarthost: _Smarthost | None = _smarthost(route.smarthost, route.tls)
             else:
-                url = None
+                smarthost = None
                 plan = tls_plan(None, route.tls)
         except ValueError as exc:
             return _every(envelopes, Outcome.tempfail(f"relay configuration error: {exc}"))
-        if url is not None:
-            job = _Job(route, sender, body, dsn_relayed, _relay_name(url, plan), url.host.lower())
-            merged = await self._deliver_smarthost(url, plan, job, envelopes)
+        if smarthost is not None:
+            job = _Job(route, sender, body, dsn_relayed, smarthost.relay_name, smarthost.domain)
+            merged = await self._deliver_smarthost(smarthost, job, envelopes)
         else:
             by_domain: dict[str, list[Envelope]] = {}
             for env in envelopes:
@@ -652,12 +906,11 @@ class RelayAgent:
 
     async def close(self) -> None:
         """Ends every kept session (QUIT) and waits for the closings under way."""
-        idle = [entry for entries in self._idle.values() for entry in entries]
+        idle = [session for sessions in self._idle.values() for session in sessions]
         self._idle.clear()
-        for entry in idle:
-            if entry.timer is not None:
-                entry.timer.cancel()
-        await asyncio.gather(*(entry.session.quit() for entry in idle))
+        for session in idle:
+            session.cancel_idle_timer()
+        await asyncio.gather(*(session.quit() for session in idle))
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -778,39 +1031,42 @@ class RelayAgent:
 
     async def _deliver_smarthost(
         self,
-        url: RelayURL,
-        plan: TLSPlan,
+        smarthost: _Smarthost,
         job: _Job,
         envelopes: Sequence[Envelope],
     ) -> dict[int, Outcome]:
+        url = smarthost.url
         try:
-            addresses = _literal_address(url.host) or await self._resolver.addresses(url.host)
+            addresses = smarthost.literal or await self._resolver.addresses(url.host)
         except SMTPError as err:
             return _every(envelopes, Outcome.tempfail(f"relay host {url.host}: {err.text}"))
         if not addresses:
             return _every(envelopes, Outcome.tempfail(f"relay host {url.host} has no address"))
-        targets = [
-            _Target(url.host, address, url.port, url.scheme == "lmtp", plan)
-            for address in addresses
-        ]
-        return await self._deliver_targets(targets, job, envelopes)
+        return await self._deliver_targets(smarthost.targets(addresses), job, envelopes)
 
     async def _deliver_targets(
         self,
-        targets: list[_Target],
+        targets: Sequence[_Target],
         job: _Job,
         envelopes: Sequence[Envelope],
     ) -> dict[int, Outcome]:
         errors: list[str] = []
-        relay = self._relays.setdefault(job.relay, _RelayState())
+        relay = self._relays.get(job.relay)
+        if relay is None:
+            relay = self._relays[job.relay] = _RelayState()
         relay.ntask += 1
         try:
             for target in targets[:_MAX_ADDRESSES]:
                 host = self._host(target, job.route)
                 host.refcount += 1
                 try:
-                    async with self._limit(target, job):
+                    limit = self._limit(target, job)
+                    if not limit.take_now():
+                        await limit.take()
+                    try:
                         result = await self._deliver_via(target, job, envelopes, errors)
+                    finally:
+                        limit.give_back()
                 finally:
                     host.refcount -= 1
                 if result is not None:
@@ -820,21 +1076,21 @@ class RelayAgent:
         detail = f" ({errors[-1]})" if errors else ""
         return _every(envelopes, Outcome.tempfail(f"Network error on destination MXs{detail}"))
 
-    def _limit(self, target: _Target, job: _Job) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _limit(self, target: _Target, job: _Job) -> _Limiter | _LimiterPair:
         """At most ``max-conn-per-host`` transactions at once per address and port; a
         domain with its own limit is also held to that (OpenSMTPD: the relay's limits)."""
-        key: tuple[str, ...] = (target.address, str(target.port))
+        key: tuple[str | int, ...] = (target.address, target.port)
         limit = self._limits.get(key)
         if limit is None:
-            limit = self._limits[key] = asyncio.Semaphore(self.settings.max_conn_per_host)
+            limit = self._limits[key] = _Limiter(self.settings.max_conn_per_host)
         own = self.settings.domain_limits.get(job.domain) if self.settings.domain_limits else None
         if own is None:
             return limit
         domain_key = (job.domain, *key)
         domain_limit = self._limits.get(domain_key)
         if domain_limit is None:
-            domain_limit = self._limits[domain_key] = asyncio.Semaphore(own.max_conn_per_host)
-        return _both(domain_limit, limit)
+            domain_limit = self._limits[domain_key] = _Limiter(own.max_conn_per_host)
+        return _LimiterPair(domain_limit, limit)
 
     async def _deliver_via(
         self,
@@ -860,7 +1116,10 @@ class RelayAgent:
                 log.debug("mta: kept session to %s was lost, reconnecting", target.describe())
                 session, reused = None, False
                 continue
-            self._after_transaction(key, session, report, self.settings.limits_for(job.domain))
+            settings = self.settings
+            own = settings.domain_limits.get(job.domain) if settings.domain_limits else None
+            # Without limits of its own the settings serve as they are (no object per call).
+            self._after_transaction(key, session, report, settings if own is None else own)
             return outcomes
         return None  # unreachable: the second round always returns
 
@@ -869,7 +1128,7 @@ class RelayAgent:
         key: _PoolKey,
         session: ClientSession,
         report: TransactionReport,
-        limits: DomainLimits,
+        limits: DomainLimits | RelaySettings,
     ) -> None:
         if (
             report.failure is None
@@ -894,19 +1153,29 @@ class RelayAgent:
                 outcomes[env.evpid] = Outcome.permfail(f"invalid recipient address: {env.dest!r}")
         if not sendable:
             return outcomes, TransactionReport()
-        addresses = [job.sender, *(env.dest for env in sendable)]
+        extensions = session.extensions
+        # Only SMTPUTF8 needs them: mail_params looks at the addresses only then.
+        addresses = [job.sender, *(env.dest for env in sendable)] if extensions.smtputf8 else []
         txn = Transaction(
             sender=job.sender,
             recipients=[RecipientSpec(env.dest, rcpt_params(env)) for env in sendable],
-            mail_params=mail_params(sendable[0], job.body, addresses, session.extensions),
+            mail_params=mail_params(sendable[0], job.body, addresses, extensions),
         )
         report = await session.transact(txn, job.body)
-        undecided = Outcome.tempfail(report.failure or "no reply for this recipient")
+        replies = report.replies
+        undecided: Outcome | None = None
+        relayed = job.dsn_relayed if session.extensions.dsn else None
         for index, env in enumerate(sendable):
-            reply = report.replies.get(index)
-            outcomes[env.evpid] = outcome = outcome_for(reply) if reply else undecided
-            if job.dsn_relayed is not None and outcome.status == "ok" and session.extensions.dsn:
-                job.dsn_relayed.add(env.evpid)
+            reply = replies.get(index)
+            if reply is not None:
+                outcome = outcome_for(reply)
+            else:
+                if undecided is None:
+                    undecided = Outcome.tempfail(report.failure or "no reply for this recipient")
+                outcome = undecided
+            outcomes[env.evpid] = outcome
+            if relayed is not None and outcome.status == "ok":
+                relayed.add(env.evpid)
         return outcomes, report
 
     # ---- sessions
@@ -917,7 +1186,8 @@ class RelayAgent:
             target.port,
             target.name.lower(),
             target.lmtp,
-            target.plan,
+            target.plan.mode,  # not the plan itself: a dataclass hashes in Python, slowly
+            target.plan.verify,
             route.auth,
             route.helo or self.settings.helo,
             route.source,
@@ -1027,29 +1297,41 @@ class RelayAgent:
         return context
 
     def _take_idle(self, key: _PoolKey) -> ClientSession | None:
-        entries = self._idle.get(key)
-        while entries:
-            entry = entries.pop()
-            if entry.timer is not None:
-                entry.timer.cancel()
-            if entry.session.usable:
-                return entry.session
-            entry.session.abort()
+        sessions = self._idle.get(key)
+        while sessions:
+            session = sessions.pop()
+            # Its keepalive timer stays armed: it finds the session busy and lets go, and
+            # a session back in the pool before then needs no new timer (see _expire).
+            if session.usable:
+                return session
+            session.abort()
         self._idle.pop(key, None)
         return None
 
     def _put_idle(self, key: _PoolKey, session: ClientSession, keepalive: float) -> None:
-        entry = _Idle(session)
-        entry.timer = asyncio.get_running_loop().call_later(keepalive, self._expire, key, entry)
-        self._idle.setdefault(key, []).append(entry)
+        loop = asyncio.get_running_loop()
+        session.idle_until = loop.time() + keepalive
+        if session.idle_timer is None:
+            session.idle_timer = loop.call_at(session.idle_until, self._expire, key, session)
+        sessions = self._idle.get(key)
+        if sessions is None:
+            self._idle[key] = [session]
+        else:
+            sessions.append(session)
 
-    def _expire(self, key: _PoolKey, entry: _Idle) -> None:
-        entries = self._idle.get(key, [])
-        if entry in entries:
-            entries.remove(entry)
-            if not entries:
-                self._idle.pop(key, None)
-            self._spawn(entry.session.quit())
+    def _expire(self, key: _PoolKey, session: ClientSession) -> None:
+        session.idle_timer = None
+        sessions = self._idle.get(key)
+        if sessions is None or session not in sessions:
+            return  # carrying a transaction: _put_idle arms a timer again
+        loop = asyncio.get_running_loop()
+        if session.idle_until - loop.time() > 0.001:  # used again since the timer was set
+            session.idle_timer = loop.call_at(session.idle_until, self._expire, key, session)
+            return
+        sessions.remove(session)
+        if not sessions:
+            del self._idle[key]
+        self._spawn(session.quit())
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -34,7 +34,7 @@ import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum, auto
+from enum import Enum, IntEnum, auto
 from typing import Literal, TypeAlias
 
 from pigeon.protocol.replies import Reply
@@ -148,27 +148,27 @@ class Extensions:
 
     @property
     def pipelining(self) -> bool:
-        return "PIPELINING" in self
+        return "PIPELINING" in self.keywords
 
     @property
     def dsn(self) -> bool:
-        return "DSN" in self
+        return "DSN" in self.keywords
 
     @property
     def starttls(self) -> bool:
-        return "STARTTLS" in self
+        return "STARTTLS" in self.keywords
 
     @property
     def eightbitmime(self) -> bool:
-        return "8BITMIME" in self
+        return "8BITMIME" in self.keywords
 
     @property
     def smtputf8(self) -> bool:
-        return "SMTPUTF8" in self
+        return "SMTPUTF8" in self.keywords
 
     @property
     def enhanced_status_codes(self) -> bool:
-        return "ENHANCEDSTATUSCODES" in self
+        return "ENHANCEDSTATUSCODES" in self.keywords
 
     @property
     def size(self) -> int | None:
@@ -255,6 +255,11 @@ class Closed:
     """The session ended after our QUIT."""
 
 
+# The events without fields carry nothing to tell apart: one instance each will do.
+_NEED_STARTTLS = NeedStartTLS()
+_DATA_READY = DataReady()
+_CLOSED = Closed()
+
 Event: TypeAlias = (
     Ready
     | NeedStartTLS
@@ -279,6 +284,13 @@ class _BadReply(Exception):
     pass
 
 
+# Servers repeat the same single-line replies ("250 2.0.0 Ok", "354 ..."): parsing each once
+# saves decoding and the enhanced-code regex on every transaction. Reply is immutable, so the
+# one object can be shared. Bounded: cleared when full (replies carrying queue ids never repeat).
+_REPLY_CACHE: dict[bytes, Reply] = {}
+_REPLY_CACHE_SIZE = 256
+
+
 class _ReplyParser:
     """Turns the server's byte stream into ``Reply`` objects (RFC 5321 4.2, RFC 3463).
 
@@ -288,31 +300,44 @@ class _ReplyParser:
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = b""
+        self._pos = 0  # start of the first line not parsed yet
         self._scanned = 0  # bytes already searched for LF, so partial reads stay linear
         self._code = 0
         self._lines: list[str] = []
 
     @property
     def has_data(self) -> bool:
-        return bool(self._buf) or bool(self._lines)
+        return self._pos < len(self._buf) or bool(self._lines)
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        pos = self._pos
+        if pos >= len(self._buf):
+            self._buf = data  # the usual case: nothing left over, no copy
+            self._scanned = 0
+        else:
+            self._buf = self._buf[pos:] + data  # a partial line (at most a line's length)
+            self._scanned -= pos
+        self._pos = 0
 
     def next_reply(self) -> Reply | None:
+        buf = self._buf
         while True:
-            end = self._buf.find(b"\n", self._scanned)
+            start = self._pos
+            end = buf.find(b"\n", self._scanned)
             if end < 0:
-                if len(self._buf) > _MAX_REPLY_LINE:
+                if len(buf) - start > _MAX_REPLY_LINE:
                     raise _BadReply("reply line too long")
-                self._scanned = len(self._buf)
+                self._scanned = len(buf)
                 return None
-            raw = bytes(self._buf[:end])
-            del self._buf[: end + 1]
-            self._scanned = 0
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
+            self._pos = self._scanned = end + 1
+            if end > start and buf[end - 1] == 13:  # CR
+                end -= 1
+            raw = buf[start:end]
+            if not self._lines:
+                cached = _REPLY_CACHE.get(raw)
+                if cached is not None:
+                    return cached
             if len(raw) > _MAX_REPLY_LINE:
                 raise _BadReply("reply line too long")
             code, final, text = self._split_line(raw)
@@ -324,7 +349,12 @@ class _ReplyParser:
                 raise _BadReply("reply has too many lines")
             if final:
                 lines, self._lines = self._lines, []
-                return Reply.from_lines(code, lines)
+                reply = Reply.from_lines(code, lines)
+                if len(lines) == 1:
+                    if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
+                        _REPLY_CACHE.clear()
+                    _REPLY_CACHE[raw] = reply
+                return reply
 
     @staticmethod
     def _split_line(raw: bytes) -> tuple[int, bool, str]:
@@ -365,7 +395,9 @@ class _BodyEncoder:
             chunk = chunk[:-1]
         if not chunk:
             return b""
-        if chunk.count(b"\n") != chunk.count(b"\r\n"):  # bare LFs: make every one CRLF
+        # Bare LFs: make every one CRLF. With each CRLF overwritten in place (same length:
+        # one search, no resizing), an LF left over is a bare one; cheaper than counting.
+        if b"\n" in chunk.replace(b"\r\n", b"\r\r"):
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if b"\n." in chunk:
             chunk = chunk.replace(b"\n.", b"\n..")
@@ -394,7 +426,7 @@ class _Phase(Enum):
     FAILED = auto()
 
 
-class _Kind(Enum):
+class _Kind(IntEnum):  # IntEnum: hashed in C (dict and set lookups per reply)
     GREETING = auto()
     EHLO = auto()
     HELO = auto()
@@ -429,6 +461,8 @@ _PARAM_EXTENSION = {
     "BODY": "8BITMIME",
 }
 _PARAM_KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_BAD_PARAM_VALUE = re.compile(r"[\s\0]")  # \s: the same characters as str.isspace()
+_BAD_PATH = re.compile(r"[\r\n\0<>]")
 
 
 @dataclass(slots=True)
@@ -473,6 +507,7 @@ class ClientConnection:
         self._txn: _TxnState | None = None
         self._encoder: _BodyEncoder | None = None
         self._quit_requested = False
+        self._done = False  # CLOSED or FAILED: see ``finished``
         self._consecutive_rcpt_failures = 0
         # Counted to catch a server answering commands it cannot have seen yet (replies must
         # follow what data_to_send() handed out; OpenSMTPD: "Remote host sent too much data").
@@ -510,13 +545,13 @@ class ClientConnection:
 
     @property
     def finished(self) -> bool:
-        return self._phase in (_Phase.CLOSED, _Phase.FAILED)
+        return self._done
 
     # ---- bytes in, events out
 
     def receive_data(self, data: bytes) -> None:
         """Feeds bytes read from the server; ``b""`` means the server closed the connection."""
-        if self.finished:
+        if self._done:
             return
         if not data:
             self._on_eof()
@@ -524,22 +559,33 @@ class ClientConnection:
         if self._phase is _Phase.TLS_WAIT:
             self._fail(None, "data received before the TLS handshake")
             return
-        self._parser.feed(data)
+        parser = self._parser
+        parser.feed(data)
         try:
-            while not self.finished and (reply := self._parser.next_reply()) is not None:
+            while (reply := parser.next_reply()) is not None:
                 self._on_reply(reply)
-                self._flush()
-                if self._waiting_for_tls() and self._parser.has_data:
+                if self._done:
+                    break
+                if self._outbox:
+                    self._flush()
+                if self._waiting_for_tls() and parser.has_data:
                     # Anything behind "220 go ahead" was sent in clear text and must not be
                     # read as if it came over TLS (STARTTLS response injection).
                     self._fail(None, "data received before the TLS handshake")
+                    break
         except _BadReply as exc:
             self._fail(None, f"bad reply from server: {exc}")
-        self._flush()
+        if self._outbox:
+            self._flush()
 
     def _waiting_for_tls(self) -> bool:
         # A method, not an inline test: _on_reply changes the phase behind mypy's back.
         return self._phase is _Phase.TLS_WAIT
+
+    @property
+    def has_events(self) -> bool:
+        """``next_event`` would return an event."""
+        return bool(self._events)
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -547,6 +593,8 @@ class ClientConnection:
     def data_to_send(self) -> bytes:
         """Bytes to write to the server now (commands, body); b"" when there is nothing."""
         self._commands_handed_out = self._commands_sent
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -554,7 +602,7 @@ class ClientConnection:
     # ---- calls in, bytes out
 
     def start_transaction(self, txn: Transaction) -> None:
-        if self.finished:
+        if self._done:
             return
         if not self.can_start_transaction:
             raise ClientProtocolError("not ready for a new transaction")
@@ -572,14 +620,14 @@ class ClientConnection:
         self._flush()
 
     def send_body_chunk(self, chunk: bytes) -> None:
-        if self.finished:
+        if self._done:
             return
         if self._phase is not _Phase.BODY or self._encoder is None:
             raise ClientProtocolError("the server has not asked for the body (no DataReady)")
         self._out += self._encoder.encode(chunk)
 
     def end_body(self) -> None:
-        if self.finished:
+        if self._done:
             return
         if self._phase is not _Phase.BODY or self._encoder is None or self._txn is None:
             raise ClientProtocolError("the server has not asked for the body (no DataReady)")
@@ -602,7 +650,7 @@ class ClientConnection:
 
     def tls_started(self) -> None:
         """The socket now speaks TLS: forget what was advertised in clear and say EHLO again."""
-        if self.finished:
+        if self._done:
             return
         if self._phase is not _Phase.TLS_WAIT:
             raise ClientProtocolError("tls_started() without NeedStartTLS")
@@ -614,7 +662,7 @@ class ClientConnection:
 
     def quit(self) -> None:
         """Ends the session politely; replies still due are processed first, then ``Closed``."""
-        if self.finished or self._quit_requested:
+        if self._done or self._quit_requested:
             return
         if self._phase in (_Phase.TLS_WAIT, _Phase.BODY):
             raise ClientProtocolError("cannot QUIT now: close the connection instead")
@@ -651,17 +699,21 @@ class ClientConnection:
     def _format_params(self, params: Mapping[str, str | None]) -> str:
         if not params:
             return ""
-        parts = []
+        advertised = self._extensions.keywords
+        out = ""
         for key, value in params.items():
             keyword = key.upper()
-            if not _PARAM_KEYWORD_RE.fullmatch(keyword):
-                raise ValueError(f"invalid ESMTP parameter name: {key!r}")
-            if value is not None and (not value or any(c.isspace() or c == "\0" for c in value)):
+            needs = _PARAM_EXTENSION.get(keyword)
+            if needs is None:
+                if not _PARAM_KEYWORD_RE.fullmatch(keyword):
+                    raise ValueError(f"invalid ESMTP parameter name: {key!r}")
+                needs = keyword
+            if value is not None and (not value or _BAD_PARAM_VALUE.search(value)):
                 raise ValueError(f"invalid value for ESMTP parameter {key}: {value!r}")
-            if _PARAM_EXTENSION.get(keyword, keyword) not in self._extensions:
+            if needs not in advertised:
                 continue
-            parts.append(keyword if value is None else f"{keyword}={value}")
-        return "".join(" " + part for part in parts)
+            out += f" {keyword}" if value is None else f" {keyword}={value}"
+        return out
 
     # ---- internals: receiving
 
@@ -671,6 +723,7 @@ class ClientConnection:
     def _fail(self, reply: Reply | None, reason: str, *, send_quit: bool = False) -> None:
         quit_sent = any(c.kind is _Kind.QUIT for c in self._pending)
         self._phase = _Phase.FAILED
+        self._done = True
         self._outbox.clear()
         self._pending.clear()
         if send_quit and not quit_sent:
@@ -681,9 +734,10 @@ class ClientConnection:
         unfinished = self._txn is not None and not self._txn.finished
         if self._quit_requested and not unfinished:
             self._phase = _Phase.CLOSED
+            self._done = True
             self._pending.clear()
             self._outbox.clear()
-            self._emit(Closed())
+            self._emit(_CLOSED)
         else:
             self._fail(None, "connection closed by the server")
 
@@ -697,8 +751,7 @@ class ClientConnection:
             return
         self._replies_received += 1
         command = self._pending.popleft()
-        handler = _HANDLERS[command.kind]
-        handler(self, command, reply)
+        _HANDLERS[command.kind](self, command, reply)
 
     # handshake
 
@@ -751,7 +804,7 @@ class ClientConnection:
     def _on_starttls(self, _command: _Command, reply: Reply) -> None:
         if _is_ok(reply):
             self._phase = _Phase.TLS_WAIT
-            self._emit(NeedStartTLS())
+            self._emit(_NEED_STARTTLS)
         elif self._config.require_tls:
             self._fail(reply, "STARTTLS rejected", send_quit=True)
         else:
@@ -824,8 +877,8 @@ class ClientConnection:
         if txn.finished:
             return  # answers to a transaction already given up (MAIL refused)
         txn.rcpt_replies += 1
-        self._emit(RecipientResult(command.index, reply))
-        if _is_ok(reply):
+        self._events.append(RecipientResult(command.index, reply))
+        if 200 <= reply.code < 300:
             txn.accepted.append(command.index)
             self._consecutive_rcpt_failures = 0
         else:
@@ -846,7 +899,7 @@ class ClientConnection:
         if go_ahead:
             self._phase = _Phase.BODY
             self._encoder = _BodyEncoder()
-            self._emit(DataReady())
+            self._emit(_DATA_READY)
             return
         for index in txn.accepted:
             txn.results.append((index, reply))
@@ -856,9 +909,10 @@ class ClientConnection:
     def _on_eom(self, command: _Command, reply: Reply) -> None:
         txn = command.txn
         assert txn is not None
+        events = self._events
         for index in txn.accepted:
             txn.results.append((index, reply))
-            self._emit(DeliveryResult(index, reply))
+            events.append(DeliveryResult(index, reply))
         self._finish(txn, "eom")
 
     def _on_lmtp_eom(self, command: _Command, reply: Reply) -> None:
@@ -876,9 +930,10 @@ class ClientConnection:
 
     def _on_quit(self, _command: _Command, _reply: Reply) -> None:
         self._phase = _Phase.CLOSED
+        self._done = True
         self._outbox.clear()
         self._pending.clear()
-        self._emit(Closed())
+        self._emit(_CLOSED)
 
 
 _HANDLERS = {
@@ -903,7 +958,7 @@ _HANDLERS = {
 
 
 def _checked_path(address: str) -> str:
-    if any(c in address for c in "\r\n\0<>"):
+    if _BAD_PATH.search(address):
         raise ValueError(f"invalid address for an SMTP path: {address!r}")
     return address
 
