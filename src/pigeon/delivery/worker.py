@@ -258,6 +258,8 @@ def main() -> int:
     os.dup2(devnull, 1)
     os.close(devnull)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # As the daemon's: a line per relayed envelope must stay cheap (no caller frame lookup).
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
