@@ -155,7 +155,10 @@ class Daemon:
             clock=options.clock,
             queue_ttl=config.queue.ttl,
             expire=self._expire,
+            claim=self._claim_relays,
         )
+        self._outcome_batch: list[tuple[Envelope, Outcome]] = []  # see _relayed
+        self._report_tasks: set[asyncio.Task[None]] = set()
         for kind in ("mda", "mta"):
             if kind in options.paused:
                 self.scheduler.pause(kind)
@@ -344,6 +347,8 @@ class Daemon:
             self.metrics_server.close()
         await self.control.stop()
         await self.scheduler.stop()
+        for task in list(self._report_tasks):
+            task.cancel()
         await self.relay.close()
         for task in self._tasks:
             task.cancel()
@@ -449,6 +454,95 @@ class Daemon:
         for _, fut in batch:
             if fut is not None and not fut.done():
                 fut.set_result(None)
+
+    def _claim_relays(self, due: list[Envelope]) -> list[Envelope]:
+        """The scheduler's claim: relayed envelopes go to the relay worker without a task
+        each (the busiest path of a relay host); returns the rest, which take the general
+        path (``_dispatch``). Taken: relay actions without SRS whose route is known (the
+        general path looks it up and keeps it a while), worker ready, body found."""
+        relay = self.relay
+        if not isinstance(relay, WorkerRelay):
+            return due
+        rest: list[Envelope] = []
+        groups: dict[tuple[int, str], list[Envelope]] = {}
+        for env in due:
+            action = self.config.actions.get(env.dispatcher)
+            if action is None or action.method != "relay" or action.srs:
+                rest.append(env)
+            else:
+                groups.setdefault((env.msgid, env.dispatcher), []).append(env)
+        for (_, dispatcher), group in groups.items():
+            action = self.config.actions[dispatcher]
+            route = self._route_if_cached(action)
+            started = time.monotonic()
+            sender = action.mail_from or group[0].sender  # one message: one sender
+
+            def then(
+                outcomes: dict[int, Outcome],
+                dsn_relayed: set[int],
+                group: list[Envelope] = group,
+                method: str = action.method,
+                started: float = started,
+            ) -> None:
+                self._relayed(group, method, started, outcomes, dsn_relayed)
+
+            if route is None or not relay.submit(route, group, sender, then):
+                rest.extend(group)
+        return rest
+
+    def _relayed(
+        self,
+        group: list[Envelope],
+        method: str,
+        started: float,
+        outcomes: dict[int, Outcome],
+        dsn_relayed: set[int],
+    ) -> None:
+        """The worker's answer for claimed envelopes. Outcomes of one event-loop iteration
+        are stored together (one DELETE record for a batch of answers)."""
+        if self.scheduler.stopping:
+            return  # shutting down: they stay queued as they are, tried at the next start
+        try:
+            if metrics.enabled():
+                metrics.observe("delivery_seconds", time.monotonic() - started, agent=method)
+            results = [
+                (e, outcomes.get(e.evpid) or Outcome.tempfail("no result from delivery agent"))
+                for e in group
+            ]
+            reports = self._due_reports(results, True, dsn_relayed)
+            if reports:  # rare (failures, NOTIFY=SUCCESS): reports first, as _dispatch_batch
+                task = asyncio.get_running_loop().create_task(
+                    self._report_then_store(reports, results)
+                )
+                self._report_tasks.add(task)
+                task.add_done_callback(self._report_tasks.discard)
+                return
+            if not self._outcome_batch:
+                asyncio.get_running_loop().call_soon(self._store_outcome_batch)
+            self._outcome_batch.extend(results)
+        except Exception:
+            log.exception("warn: recording relay outcomes failed")
+            self.scheduler.failed(group)
+
+    def _store_outcome_batch(self) -> None:
+        results, self._outcome_batch = self._outcome_batch, []
+        try:
+            self._store_outcomes(results)
+        except Exception:
+            log.exception("warn: recording relay outcomes failed")
+            self.scheduler.failed([e for e, _ in results])
+
+    async def _report_then_store(
+        self,
+        reports: dict[tuple[str, float | None], list[bounce.BounceItem]],
+        results: list[tuple[Envelope, Outcome]],
+    ) -> None:
+        try:
+            await self._send_reports(reports)
+            self._store_outcomes(results)
+        except Exception:
+            log.exception("warn: recording relay outcomes failed")
+            self.scheduler.failed([e for e, _ in results])
 
     async def _deliver_remote(
         self, envelopes: list[Envelope], action: Action, dsn_relayed: set[int] | None = None
@@ -663,12 +757,15 @@ class Daemon:
     async def _record_outcomes(
         self, results: list[tuple[Envelope, Outcome]], reported: bool = False
     ) -> None:
-        """Log, count and store what attempts gave. Envelopes done together leave the
-        journal in one DELETE record: under load a worker's answers arrive in batches."""
+        """Log, count and store what attempts gave."""
         if not reported:
             reports = self._due_reports(results)
             if reports:
                 await self._send_reports(reports)
+        self._store_outcomes(results)
+
+    def _store_outcomes(self, results: list[tuple[Envelope, Outcome]]) -> None:
+        """Envelopes done together leave the journal in one DELETE record."""
         now = self._now()
         stats = self.services.stats
         done: list[int] = []

@@ -1,5 +1,6 @@
 """Mail relayed by a running daemon: smarthost, MX lookup on a loopback DNS server,
-one transaction per message, remote refusals bounced to the sender."""
+one transaction per message, remote refusals bounced to the sender. Every test runs with the
+relay in the daemon (``--relay in-process``) and in the relay worker (the default)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class Received:
 
 @dataclass
 class SinkHandler:
-    """Accepts everything except recipients starting with ``reject``."""
+    """Accepts everything except recipients starting with ``reject`` (refused) or ``later``
+    (temporarily refused)."""
 
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -45,6 +47,8 @@ class SinkHandler:
     ) -> str:
         if address.startswith("reject"):
             return "550 5.1.1 No such user here"
+        if address.startswith("later"):
+            return "451 4.3.0 Try again later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -61,7 +65,7 @@ class SinkHandler:
 
 
 class Site:
-    def __init__(self, dns: DNSTestServer) -> None:
+    def __init__(self, dns: DNSTestServer, relay_mode: str) -> None:
         self.handler = SinkHandler()
         self.sink_port = free_port()
         self.sink = Controller(self.handler, hostname="127.0.0.1", port=self.sink_port)
@@ -84,19 +88,20 @@ action "local" maildir userbase <users>
 action "virtual" maildir virtual <virtuals> userbase <users>
 action "smarthost" relay host smtp+notls://127.0.0.1:{self.sink_port} helo relay.local.test srs
 action "mx" relay
+action "plain" relay host smtp+notls://127.0.0.1:{self.sink_port}
 match from any for domain "mx.local.test" action "local"
 match from any for domain "forward.test" action "virtual"
 match from local for domain "smarthost.test" action "smarthost"
 match from local for domain "mx-routed.test" action "mx"
+match from local for domain "plain.test" action "plain"
 """
         self.daemon = PigeonDaemon(
             self.work.path,
             config,
             port=self.port,
-            # In-process relay here (the worker is the default; test_relay_worker.py).
             extra=[
                 *("--resolver", f"127.0.0.1:{dns.port}", "--mx-port", str(self.sink_port)),
-                *("--relay", "in-process"),
+                *("--relay", relay_mode),
             ],
         )
 
@@ -105,10 +110,10 @@ match from local for domain "mx-routed.test" action "mx"
             return list(self.handler.messages)
 
 
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
+@pytest.fixture(scope="module", params=["in-process", "worker"])
+def site(request: pytest.FixtureRequest) -> Iterator[Site]:
     with DNSTestServer() as dns:
-        s = Site(dns)
+        s = Site(dns, str(request.param))
         s.daemon.start()
         try:
             yield s
@@ -224,3 +229,40 @@ def test_queue_views_show_what_the_relay_agent_did(site: Site) -> None:
     ), relays
     assert any(line.startswith("127.0.0.1 127.0.0.1 refcount=") for line in lines("hosts"))
     assert any(" <-> 127.0.0.1 (127.0.0.1) " in line for line in lines("routes"))
+
+
+def test_busy_route_refusals_bounce_and_tempfails_stay_queued(site: Site) -> None:
+    """A route in use (the worker takes its mail without a task per message): a refused
+    recipient is bounced, a temporarily refused one stays queued, the rest is delivered."""
+    send(site, "alice@mx.local.test", ["warm@plain.test"], "warm-up")
+    wait_for(lambda: find(site, "warm-up"), what="the first message")
+    for i in range(3):
+        send(
+            site,
+            "alice@mx.local.test",
+            [f"ok{i}@plain.test", f"reject{i}@plain.test", f"later{i}@plain.test"],
+            f"busy {i}",
+        )
+    for i in range(3):
+        wait_for(lambda i=i: find(site, f"busy {i}"), what=f"message {i}")  # type: ignore[misc]
+        assert find(site, f"busy {i}")[0].rcpts == [f"ok{i}@plain.test"]
+
+    def bounced(i: int) -> bool:
+        return any(
+            f"reject{i}@plain.test".encode() in m and b"multipart/report" in m
+            for m in maildir_messages(site.mail / "alice" / "Maildir")
+        )
+
+    wait_for(lambda: all(bounced(i) for i in range(3)), what="the three bounces")
+
+    def queued() -> list[str]:
+        return site.daemon.ctl("show", "queue").stdout.splitlines()
+
+    wait_for(
+        lambda: sum("later" in line and "plain.test" in line for line in queued()) == 3,
+        what="the three delayed recipients to wait in the queue",
+    )
+    later = [line for line in queued() if "plain.test" in line]
+    assert len(later) == 3 and all("451 4.3.0 Try again later" in line for line in later), later
+    # Clean up for the other tests: they expect an empty queue.
+    site.daemon.ctl("remove", "all")

@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pigeon.delivery import wire
@@ -127,7 +127,8 @@ class WorkerRelay:
         self.settings = settings
         self.dns = dns
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], list[int]]] = {}
+        # Requests waiting for their answer: what to call with it, and the pinned messages.
+        self._pending: dict[int, tuple[Callable[[dict[str, Any]], None], list[int]]] = {}
         self._outgoing: list[dict[str, Any]] = []
         # Routes the worker knows by number: a delivery names its route, not all its fields.
         self._route_ids: dict[RelayRoute, int] = {}
@@ -222,22 +223,34 @@ class WorkerRelay:
                 self._answer(message.get("id"), {"error": "relay worker is not running"})
 
     def _request(self, message: dict[str, Any], pinned: list[int]) -> asyncio.Future[Any]:
-        ident = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[ident] = (fut, pinned)
+
+        def resolve(answer: dict[str, Any]) -> None:
+            if not fut.done():
+                fut.set_result(answer)
+
+        self._call(message, pinned, resolve)
+        return fut
+
+    def _call(
+        self, message: dict[str, Any], pinned: list[int], then: Callable[[dict[str, Any]], None]
+    ) -> None:
+        ident = next(self._ids)
+        self._pending[ident] = (then, pinned)
         message["id"] = ident
         self._send(message)
-        return fut
 
     def _answer(self, ident: Any, message: dict[str, Any]) -> None:
         entry = self._pending.pop(ident, None) if isinstance(ident, int) else None
         if entry is None:
             return
-        fut, pinned = entry
+        then, pinned = entry
         for msgid in pinned:
             self.store.unpin(msgid)
-        if not fut.done():
-            fut.set_result(message)
+        try:
+            then(message)
+        except Exception:  # one bad answer handler must not stop the others
+            log.exception("warn: %s: handling an answer failed", WORKER_NAME)
 
     def _route_id(self, route: RelayRoute) -> int:
         """The route's number in the worker, telling it the route first if it is new."""
@@ -249,6 +262,29 @@ class WorkerRelay:
             rid = self._route_ids[route] = next(self._ids)
             self._send({"op": "route", "rid": rid, "route": wire.encode_route(route)})
         return rid
+
+    def _deliver_request(
+        self, route: RelayRoute, envelopes: Sequence[Envelope], sender: str | None, location: Any
+    ) -> dict[str, Any]:
+        return {
+            "op": "deliver",
+            "rid": self._route_id(route),
+            "envelopes": [wire.encode_envelope(e) for e in envelopes],
+            "sender": sender,
+            "body": location,
+            "dsn": True,
+        }
+
+    @staticmethod
+    def _outcomes(
+        answer: dict[str, Any], envelopes: Sequence[Envelope]
+    ) -> tuple[dict[int, Outcome], set[int]]:
+        """The outcomes an answer gives, and the envelopes relayed with their DSN request."""
+        if "outcomes" not in answer:
+            error = str(answer.get("error", "no answer from the relay worker"))
+            return _every(envelopes, error), set()
+        outcomes = wire.decode_outcomes(answer["outcomes"], logged=bool(answer.get("logged")))
+        return outcomes, {int(e) for e in answer.get("dsn_relayed", ())}
 
     async def deliver(
         self,
@@ -269,21 +305,37 @@ class WorkerRelay:
             return _every(envelopes, str(exc))
         self.store.pin(msgid)
         answer = await self._request(
-            {
-                "op": "deliver",
-                "rid": self._route_id(route),
-                "envelopes": [wire.encode_envelope(e) for e in envelopes],
-                "sender": sender,
-                "body": location,
-                "dsn": dsn_relayed is not None,
-            },
-            [msgid],
+            self._deliver_request(route, envelopes, sender, location), [msgid]
         )
-        if "outcomes" not in answer:
-            return _every(envelopes, str(answer.get("error", "no answer from the relay worker")))
+        outcomes, relayed = self._outcomes(answer, envelopes)
         if dsn_relayed is not None:
-            dsn_relayed.update(int(e) for e in answer.get("dsn_relayed", ()))
-        return wire.decode_outcomes(answer["outcomes"], logged=bool(answer.get("logged")))
+            dsn_relayed.update(relayed)
+        return outcomes
+
+    def submit(
+        self,
+        route: RelayRoute,
+        envelopes: Sequence[Envelope],
+        sender: str | None,
+        then: Callable[[dict[int, Outcome], set[int]], None],
+    ) -> bool:
+        """``deliver`` without a coroutine: ``then(outcomes, dsn_relayed)`` is called with
+        the answer. False (and nothing sent) when the worker is not ready or the body is
+        not found: ``deliver`` then says why."""
+        if not envelopes or not self.supervisor.ready.is_set():
+            return False
+        msgid = envelopes[0].msgid
+        try:
+            location = self.store.body_location(msgid)
+        except QueueError:
+            return False
+        self.store.pin(msgid)
+        self._call(
+            self._deliver_request(route, envelopes, sender, location),
+            [msgid],
+            lambda answer: then(*self._outcomes(answer, envelopes)),
+        )
+        return True
 
     async def show(self, view: str) -> list[str]:
         if view not in ("hosts", "relays", "routes", "hoststats"):

@@ -69,6 +69,10 @@ class Outcome:
 
 # The scheduler hands a due envelope to this; it returns once the attempt is over.
 Dispatch = Callable[[Envelope], Awaitable[None]]
+# Offered every envelope due in one pass before any task starts: returns those it did not
+# take. Those it took stay in flight until it calls ``done`` or ``retried`` (or ``failed``)
+# for them: deliveries that need no coroutine of their own (a busy relay) skip a task each.
+Claim = Callable[[list[Envelope]], list[Envelope]]
 
 
 class Scheduler:
@@ -80,12 +84,14 @@ class Scheduler:
         queue_ttl: int = policy.DEFAULT_QUEUE_TTL,
         max_inflight: int = 64,
         expire: Callable[[Envelope], Awaitable[None]] | None = None,
+        claim: Claim | None = None,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.queue_ttl = queue_ttl
         self.max_inflight = max_inflight
         self._dispatch = dispatch
         self._expire = expire
+        self._claim = claim
         self._heap: list[tuple[float, int]] = []
         self._expiry_heap: list[tuple[float, int]] = []
         self._due: dict[int, float] = {}  # evpid -> scheduled time (authoritative)
@@ -151,6 +157,17 @@ class Scheduler:
         self.remove(evpid)
         self._wake_if_due()
 
+    def failed(self, envelopes: list[Envelope]) -> None:
+        """A claimed attempt broke on a bug: try again later, not at once (no hot loop)."""
+        for env in envelopes:
+            self.inflight.discard(env.evpid)
+            if env.evpid in self._envelopes:
+                self.add(env, when=self.clock.now() + BUG_RETRY_DELAY)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def _wake_if_due(self) -> None:
         """Wakes the run loop when a finished attempt may let a due envelope start (the
         in-flight cap held it back); otherwise its own timer is right already. Waking it
@@ -209,9 +226,18 @@ class Scheduler:
                 self.inflight.add(env.evpid)
                 self._due.pop(env.evpid, None)
                 started.append(self._spawn(self._expire(env), env.evpid))
-        for env in self._pop_due(now):
+        due = self._pop_due(now)
+        for env in due:
             self.inflight.add(env.evpid)
             self._due.pop(env.evpid, None)
+        if due and self._claim is not None:
+            try:
+                due = self._claim(due)
+            except Exception:  # a bug: some may be on their way, so none is started twice
+                log.exception("scheduler: claiming due envelopes failed")
+                self.failed(due)
+                due = []
+        for env in due:
             started.append(self._spawn(self._dispatch(env), env.evpid))
         return started
 

@@ -126,3 +126,45 @@ def test_inflight_cap_holds_back_extra_envelopes() -> None:
         assert len(h.dispatched) == 2
 
     asyncio.run(scenario())
+
+
+def test_claimed_envelopes_get_no_task_and_stay_in_flight_until_done() -> None:
+    async def scenario() -> None:
+        h = Harness()
+        claimed: list[Envelope] = []
+
+        def claim(due: list[Envelope]) -> list[Envelope]:
+            claimed.extend(e for e in due if e.type == "mta")
+            return [e for e in due if e.type != "mta"]
+
+        h.sched = Scheduler(h.dispatch, clock=h.clock, queue_ttl=3600, claim=claim)
+        relayed, local = env("mta"), env("mda")
+        h.sched.add(relayed)
+        h.sched.add(local)
+        await h.tick()
+        assert claimed == [relayed] and h.dispatched == [local.evpid]
+        assert relayed.evpid in h.sched.inflight
+        await h.tick()  # in flight: not offered again
+        assert claimed == [relayed]
+        h.sched.done(relayed.evpid)
+        assert relayed.evpid not in h.sched and relayed.evpid not in h.sched.inflight
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_claim_starts_nothing_twice_and_retries_later() -> None:
+    async def scenario() -> None:
+        h = Harness()
+
+        def claim(due: list[Envelope]) -> list[Envelope]:
+            raise RuntimeError("a bug")
+
+        h.sched = Scheduler(h.dispatch, clock=h.clock, queue_ttl=3600, claim=claim)
+        e = env("mta")
+        h.sched.add(e)
+        await h.tick()
+        assert h.dispatched == []  # it may have been sent: not dispatched as well
+        assert e.evpid in h.sched and e.evpid not in h.sched.inflight
+        assert h.sched.scheduled_at(e.evpid) == T0 + 300  # BUG_RETRY_DELAY
+
+    asyncio.run(scenario())
