@@ -187,3 +187,55 @@ def test_reload_hands_new_limits_to_the_worker(site: Site) -> None:
     wait_for(lambda: "not-kept" in site.sink.received(), what="the second message")
     # At once, not when the old 10 s keepalive ran out.
     wait_for(lambda: " nconn=0 " in hosts(), timeout=5, what="the session to be closed")
+
+
+DIALOGUE = re.compile(r"^mta: 0x[0-9a-f]+: (?:>>>|<<<) ", re.M)
+
+
+def relay_one(site: Site, subject: str) -> None:
+    send(site, subject)
+    wait_for(lambda: subject in site.sink.received(), what=f"the sink to receive {subject}")
+    site.daemon.wait_queue_empty()
+
+
+def test_trace_mta_logs_the_relay_dialogue_and_log_verbose_does_not(site: Site) -> None:
+    site.sink.gate.set()
+    daemon = site.daemon
+    daemon.ctl("log", "verbose")
+    try:
+        start = len(daemon.log())
+        relay_one(site, "verbose-only")
+        assert not DIALOGUE.search(daemon.log()[start:]), daemon.log()[start:]
+
+        daemon.ctl("trace", "mta")
+        start = len(daemon.log())
+        relay_one(site, "traced")
+        mail = re.compile(r"^mta: (0x[0-9a-f]+): >>> MAIL FROM:<alice@mx\.local\.test>", re.M)
+        wait_for(lambda: mail.search(daemon.log(), start), what="the traced MAIL FROM")
+        found = mail.search(daemon.log(), start)
+        assert found is not None
+        session = found.group(1)
+        traced = [
+            line.split(": ", 2)[2]
+            for line in daemon.log()[start:].splitlines()
+            if line.startswith(f"mta: {session}: ")
+        ]
+        if f"debug: mta: {session}: spawned for relay" in daemon.log()[start:]:
+            # A new session (not one kept from the message before): the greeting and every
+            # line of the sink's multiline EHLO reply.
+            assert traced[0].startswith("<<< 220 "), traced
+            assert "<<< 250-8BITMIME" in traced, traced
+        assert "RCPT TO:<dora@smarthost.test>" in " ".join(traced)
+        assert "<<< 250 2.0.0 Ok queued" in traced, traced
+        assert any(re.fullmatch(r">>> \[\.\.\.\d+ bytes\.\.\.\]", line) for line in traced), traced
+        assert ">>> ." in traced and not any("body" in line for line in traced), traced
+        handling = f"debug: mta: {session}: handling next task for relay [relay:127.0.0.1,"
+        assert handling in daemon.log()[start:]
+
+        daemon.ctl("untrace", "mta")
+        start = len(daemon.log())
+        relay_one(site, "untraced")
+        assert not DIALOGUE.search(daemon.log()[start:]), daemon.log()[start:]
+    finally:
+        daemon.ctl("untrace", "mta")
+        daemon.ctl("log", "brief")

@@ -47,8 +47,9 @@ TRACE_LOGGERS: dict[str, tuple[str, ...]] = {
     "io": ("pigeon.io",),
     "smtp": ("pigeon.smtp", "pigeon.server"),
     "filters": ("pigeon.filters",),
-    "transfer": ("pigeon.mta",),
-    "mta": ("pigeon.mta",),
+    # pigeon.trace.mta: the relay's SMTP dialogue, on only while traced (not `log verbose`).
+    "transfer": ("pigeon.mta", "pigeon.trace.mta"),
+    "mta": ("pigeon.mta", "pigeon.trace.mta"),
     "mda": ("pigeon.mda",),
     "bounce": ("pigeon.bounce",),
     "scheduler": ("pigeon.scheduler",),
@@ -59,7 +60,7 @@ TRACE_LOGGERS: dict[str, tuple[str, ...]] = {
     "stat": ("pigeon.stat",),
     "mproc": ("pigeon.mproc",),
     "control": ("pigeon.control",),
-    "all": ("pigeon",),
+    "all": ("pigeon", "pigeon.trace.mta"),
 }
 
 # Commands any local user may run.

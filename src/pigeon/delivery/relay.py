@@ -15,6 +15,10 @@ follows OpenSMTPD's ``mta.c``/``mta_session.c`` (delivery-queue.md 2.7-2.9):
   ``max_mails_per_session`` transactions (100). At most ``max_conn_per_host`` sessions per
   address and port carry a transaction at once (10).
 * Nothing here raises for network trouble: every envelope gets an Outcome.
+* ``pigeon trace mta`` logs each session's dialogue (``mta: 0x...: >>> MAIL FROM:<...>``,
+  ``<<< 250 ...``) through the ``pigeon.trace.mta`` logger, credentials masked and the body
+  only as its size; while it is off, the cost is one attribute test per read, write and
+  transaction.
 """
 
 from __future__ import annotations
@@ -82,6 +86,18 @@ __all__ = [
 ]
 
 log = logging.getLogger("pigeon.mta")
+# ``pigeon trace mta``: the client dialogue, written only while this logger's *own* level is
+# DEBUG. ``log verbose`` sets "pigeon" to DEBUG, which this logger inherits; the dialogue must
+# stay off then (OpenSMTPD keeps trace flags and verbosity apart too).
+trace_log = logging.getLogger("pigeon.trace.mta")
+_DEBUG = logging.DEBUG
+_MAX_TRACED_LINE = 4096  # a reply line longer than this breaks the session anyway
+
+
+def tracing() -> bool:
+    """``pigeon trace mta`` (or ``transfer``, ``all``) is on."""
+    return 0 < trace_log.level <= _DEBUG
+
 
 _QUIT_TIMEOUT = 5.0  # a polite QUIT is not worth waiting the full command timeout for
 _MAX_ADDRESSES = 20  # addresses tried per attempt, whatever the DNS says
@@ -217,10 +233,11 @@ class ClientSession(asyncio.Protocol):
     when it fires: no timer object per read on the hot path of a kept session.
     """
 
-    def __init__(self, config: ClientConfig, *, timeout: float, peer: str) -> None:
+    def __init__(self, config: ClientConfig, *, timeout: float, peer: str, relay: str = "") -> None:
         self._conn = ClientConnection(config)
         self._timeout = timeout
         self.peer = peer
+        self.relay = relay or peer  # how trace lines name where this session goes
         self.mails = 0
         self.on_close: Callable[[], None] | None = None  # called once, when the session ends
         self._loop = asyncio.get_running_loop()
@@ -237,6 +254,10 @@ class ClientSession(asyncio.Protocol):
         # Kept idle by RelayAgent's pool: until when (loop time), and the timer watching that.
         self.idle_until = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        self._trace_tail = b""  # while tracing: the start of a reply line not complete yet
+        if tracing():
+            self._conn.trace = []
+            self.trace_debug(f"spawned for relay {self.relay}")
 
     def cancel_idle_timer(self) -> None:
         if self.idle_timer is not None:
@@ -246,6 +267,8 @@ class ClientSession(asyncio.Protocol):
     def _mark_dead(self) -> None:
         if not self._dead:
             self._dead = True
+            if self._conn.trace is not None:
+                self.trace_debug("session done")
             self.cancel_idle_timer()
             if self._timer is not None:
                 self._timer.cancel()
@@ -265,10 +288,11 @@ class ClientSession(asyncio.Protocol):
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         local_address: str | None = None,
+        relay: str = "",
     ) -> ClientSession:
         """Connects (and with ``ssl_context`` does the TLS handshake: smtps). Raises OSError
-        or TimeoutError."""
-        session = cls(config, timeout=timeout, peer=f"{host}:{port}")
+        or TimeoutError. ``relay``: the destination as trace lines name it."""
+        session = cls(config, timeout=timeout, peer=f"{host}:{port}", relay=relay)
         async with asyncio.timeout(connect_timeout):
             await session._loop.create_connection(
                 lambda: session,
@@ -322,6 +346,8 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self._conn
+        if conn.trace is not None:
+            self._trace_received(data)
         conn.receive_data(data)
         # What the replies call for (EHLO after the greeting, RSET after a refusal, QUIT)
         # goes out now, without waking the coroutine for it.
@@ -329,6 +355,8 @@ class ClientSession(asyncio.Protocol):
         if out:
             assert self._transport is not None
             self._transport.write(out)
+            if conn.trace:
+                self._trace_sent(conn.trace)
         waiter = self._waiter
         if waiter is not None:
             if conn.has_events or conn.finished:
@@ -361,6 +389,37 @@ class ClientSession(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake()
+
+    # ---- tracing (``pigeon trace mta``): OpenSMTPD's ``mta: 0x...: >>> EHLO ...`` lines
+
+    def trace_debug(self, text: str) -> None:
+        trace_log.debug("debug: mta: %#x: %s", id(self), text)
+
+    def _follow_trace(self) -> None:
+        """Starts or stops recording the dialogue as ``pigeon trace mta`` now says; looked at
+        when a session, a transaction or the QUIT starts."""
+        conn = self._conn
+        if tracing():
+            if conn.trace is None:
+                conn.trace = []
+        elif conn.trace is not None:
+            conn.trace = None
+            self._trace_tail = b""
+
+    def _trace_sent(self, lines: list[str]) -> None:
+        for line in lines:
+            trace_log.debug("mta: %#x: >>> %s", id(self), line)
+        lines.clear()
+
+    def _trace_received(self, data: bytes) -> None:
+        """Every reply line as it came (each line of a multiline reply on its own)."""
+        lines = (self._trace_tail + data).split(b"\n")
+        tail = lines.pop()
+        self._trace_tail = tail[:_MAX_TRACED_LINE]
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            text = line[:_MAX_TRACED_LINE].decode("utf-8", "replace")
+            trace_log.debug("mta: %#x: <<< %s", id(self), text)
 
     # ---- waiting
 
@@ -401,11 +460,14 @@ class ClientSession(asyncio.Protocol):
     def _write(self) -> bool:
         """Hands the state machine's output to the transport; True when the caller must wait
         for the transport (its buffer is over the high-water mark, or the connection broke)."""
-        data = self._conn.data_to_send()
+        conn = self._conn
+        data = conn.data_to_send()
         if data:
             transport = self._transport
             assert transport is not None
             transport.write(data)  # sends at once what the socket takes
+            if conn.trace:
+                self._trace_sent(conn.trace)
         return self._write_paused or self._lost_error is not None
 
     async def _drain(self) -> None:
@@ -495,6 +557,10 @@ class ClientSession(asyncio.Protocol):
         """One mail transaction; the session stays open (reuse it or ``quit``)."""
         report = TransactionReport()
         conn = self._conn
+        if trace_log.level or conn.trace is not None:  # one look while tracing stays off
+            self._follow_trace()
+            if conn.trace is not None:
+                self.trace_debug(f"handling next task for relay {self.relay}")
         conn.start_transaction(txn)
         while True:
             # Events already decoded need no trip through a coroutine.
@@ -550,6 +616,7 @@ class ClientSession(asyncio.Protocol):
         if self._dead or self._conn.finished:
             self.abort()
             return
+        self._follow_trace()
         try:
             self._conn.quit()
         except ClientProtocolError:
@@ -575,6 +642,8 @@ class ClientSession(asyncio.Protocol):
             data = self._conn.data_to_send()
             if data and not transport.is_closing():
                 transport.write(data)
+            if self._conn.trace:
+                self._trace_sent(self._conn.trace)
         transport.close()
         if not self._lost:
             self._closed = self._loop.create_future()
@@ -1199,7 +1268,7 @@ class RelayAgent:
         relay = self._relays.setdefault(job.relay, _RelayState())
         host.lastconn = relay.lastconn = time.time()
         try:
-            session = await self._connect_once(target, route)
+            session = await self._connect_once(target, route, job.relay)
         except HandshakeError:
             host.nerror += 1
             raise
@@ -1214,10 +1283,11 @@ class RelayAgent:
         session.on_close = closed
         return session
 
-    async def _connect_once(self, target: _Target, route: RelayRoute) -> ClientSession:
+    async def _connect_once(self, target: _Target, route: RelayRoute, relay: str) -> ClientSession:
         plan = target.plan
+        starttls = plan.mode in ("opportunistic", "starttls")
         try:
-            return await self._open(target, route, plan.mode in ("opportunistic", "starttls"))
+            return await self._open(target, route, starttls, relay)
         except HandshakeError as exc:
             if not (exc.tls_failed and plan.mode == "opportunistic"):
                 raise
@@ -1226,9 +1296,11 @@ class RelayAgent:
                 target.describe(),
                 exc,
             )
-        return await self._open(target, route, False)
+        return await self._open(target, route, False, relay)
 
-    async def _open(self, target: _Target, route: RelayRoute, starttls: bool) -> ClientSession:
+    async def _open(
+        self, target: _Target, route: RelayRoute, starttls: bool, relay: str
+    ) -> ClientSession:
         plan = target.plan
         config = ClientConfig(
             helo=route.helo or self.settings.helo,
@@ -1261,6 +1333,7 @@ class RelayAgent:
                 ssl_context=context if plan.mode == "smtps" else None,
                 server_hostname=target.name,
                 local_address=route.source,
+                relay=relay,
             )
         except TimeoutError:
             raise HandshakeError(

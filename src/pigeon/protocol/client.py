@@ -19,6 +19,11 @@ Driving it::
             SessionFailed / Closed -> send what data_to_send() holds, then close the socket
         await sock.write(conn.data_to_send())   # before reading again: see below
 
+Tracing (``pigeon trace mta``): set ``conn.trace = []`` and every command put into
+``data_to_send()`` is also appended to that list as a trace shows it - credentials masked
+(``AUTH PLAIN ********``), the body as its size (``[...361 bytes...]``) then ``.``. The caller
+logs and clears the list when it writes the bytes; None (the default) records nothing.
+
 Replies must answer commands already handed out by ``data_to_send()``; a reply that arrives
 earlier is a protocol violation (OpenSMTPD: "Remote host sent too much data").
 
@@ -482,6 +487,21 @@ class _Command:
     index: int = -1
 
 
+# Commands whose text is a secret: a trace shows them masked, as OpenSMTPD's reports do.
+_MASKED = {
+    _Kind.AUTH_PLAIN: "AUTH PLAIN ********",
+    _Kind.AUTH_LOGIN_USER: "********",
+    _Kind.AUTH_LOGIN_PASS: "********",
+}
+
+
+def _trace_line(command: _Command) -> str:
+    masked = _MASKED.get(command.kind)
+    if masked is not None:
+        return masked
+    return command.line.removesuffix(b"\r\n").decode("utf-8", "replace")
+
+
 def _is_ok(reply: Reply) -> bool:
     return 200 <= reply.code < 300
 
@@ -506,6 +526,10 @@ class ClientConnection:
         self._extensions = Extensions()
         self._txn: _TxnState | None = None
         self._encoder: _BodyEncoder | None = None
+        self._body_size = 0  # bytes of the current body sent so far, for the trace
+        # A list: what goes out is also recorded there, one line per command (see the module
+        # docstring). Checked once per batch of commands, so None costs nothing.
+        self.trace: list[str] | None = None
         self._quit_requested = False
         self._done = False  # CLOSED or FAILED: see ``finished``
         self._consecutive_rcpt_failures = 0
@@ -624,14 +648,20 @@ class ClientConnection:
             return
         if self._phase is not _Phase.BODY or self._encoder is None:
             raise ClientProtocolError("the server has not asked for the body (no DataReady)")
-        self._out += self._encoder.encode(chunk)
+        encoded = self._encoder.encode(chunk)
+        self._out += encoded
+        self._body_size += len(encoded)
 
     def end_body(self) -> None:
         if self._done:
             return
         if self._phase is not _Phase.BODY or self._encoder is None or self._txn is None:
             raise ClientProtocolError("the server has not asked for the body (no DataReady)")
-        self._out += self._encoder.finish()
+        tail = self._encoder.finish()
+        self._out += tail
+        if self.trace is not None:
+            # The size on the wire up to the final dot, never the content (OpenSMTPD's form).
+            self.trace += (f"[...{self._body_size + len(tail) - 3} bytes...]", ".")
         self._encoder = None
         self._phase = _Phase.READY
         txn = self._txn
@@ -682,6 +712,7 @@ class ClientConnection:
         if not self._outbox or self._phase not in (_Phase.HANDSHAKE, _Phase.READY):
             return  # never a command in the middle of a body or before the TLS handshake
         pipelining = self._config.pipelining and self._extensions.pipelining
+        trace = self.trace
         while self._outbox:
             if self._pending:
                 # Only whole RFC 2920 groups: behind MAIL/RCPT/RSET, up to and including DATA.
@@ -690,6 +721,8 @@ class ClientConnection:
                     return
             command = self._outbox.popleft()
             self._out += command.line
+            if trace is not None:
+                trace.append(_trace_line(command))
             self._pending.append(command)
             self._commands_sent += 1
 
@@ -728,6 +761,8 @@ class ClientConnection:
         self._pending.clear()
         if send_quit and not quit_sent:
             self._out += b"QUIT\r\n"
+            if self.trace is not None:
+                self.trace.append("QUIT")
         self._emit(SessionFailed(reply, reason))
 
     def _on_eof(self) -> None:
@@ -899,6 +934,7 @@ class ClientConnection:
         if go_ahead:
             self._phase = _Phase.BODY
             self._encoder = _BodyEncoder()
+            self._body_size = 0
             self._emit(_DATA_READY)
             return
         for index in txn.accepted:
