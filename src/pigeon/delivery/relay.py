@@ -498,18 +498,7 @@ class ClientSession(asyncio.Protocol):
                     await self._drain()
                 if conn.has_events or conn.finished:
                     continue
-                # _wait(), inlined: this runs twice per relayed message.
-                if self._lost_error is not None:
-                    await self._wait()  # raises it
-                loop = self._loop
-                self._deadline = loop.time() + self._timeout
-                if self._timer is None:
-                    self._timer = loop.call_at(self._deadline, self._check_deadline)
-                waiter = self._waiter = loop.create_future()
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
+                await self._wait()
             except TimeoutError:
                 return self._broken(f"timeout after {self._timeout:g}s waiting for {self.peer}")
             except OSError as exc:  # includes ssl.SSLError

@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+from fake_transport import FakeTransport
 
 from pigeon.delivery.relay import (
     ClientSession,
@@ -22,7 +23,7 @@ from pigeon.queue.envelope import Envelope
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-class FakeServer:
+class FakeServer(FakeTransport):
     """A pipelining SMTP server behind an asyncio transport. ``silent_after``: stop answering
     once this many commands were answered; ``pause``: report the write buffer full after
     every write until ``resume()``."""
@@ -30,13 +31,11 @@ class FakeServer:
     def __init__(
         self, session: ClientSession, *, silent_after: int | None = None, pause: bool = False
     ) -> None:
-        self.session = session
-        self.loop = asyncio.get_running_loop()
+        super().__init__(session)
         self.silent_after = silent_after
         self.pause = pause
         self.answered = 0
         self.in_data = False
-        self.closing = False
         self.written: list[bytes] = []
 
     # transport side
@@ -73,20 +72,6 @@ class FakeServer:
     def resume(self) -> None:
         self.pause = False
         self.session.resume_writing()
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.loop.call_soon(self.session.connection_lost, None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 async def connected(timeout: float = 5.0, **server: Any) -> tuple[ClientSession, FakeServer]:

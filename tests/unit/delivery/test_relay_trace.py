@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fake_transport import FakeTransport
 
 from pigeon.delivery.relay import ClientSession, tracing
 from pigeon.log import apply_levels, logger_levels
@@ -21,15 +22,13 @@ EHLO_REPLY = b"250-fake.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 DS
 AUTH = ("joe@example.test", "s3cret")
 
 
-class FakeServer:
+class FakeServer(FakeTransport):
     """A pipelining SMTP server behind an asyncio transport. Its multiline EHLO reply arrives
     in two reads cut in the middle of a line."""
 
     def __init__(self, session: ClientSession) -> None:
-        self.session = session
-        self.loop = asyncio.get_running_loop()
+        super().__init__(session)
         self.in_data = False
-        self.closing = False
 
     def write(self, data: bytes) -> None:
         if self.in_data:
@@ -51,23 +50,6 @@ class FakeServer:
                 self.say(b"221 2.0.0 Bye\r\n")
             else:
                 self.say(b"250 2.0.0 Ok\r\n")
-
-    def say(self, reply: bytes) -> None:
-        self.loop.call_soon(self.session.data_received, reply)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.loop.call_soon(self.session.connection_lost, None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 class Lines(logging.Handler):

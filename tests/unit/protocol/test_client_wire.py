@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from pigeon.protocol.client import (
     SessionFailed,
     Transaction,
     TransactionResult,
+    _BadReply,
     _BodyEncoder,
     _ReplyParser,
 )
@@ -295,3 +297,35 @@ def test_extensions_from_ehlo() -> None:
     assert ext.smtputf8 and ext.eightbitmime and "SmtpUtf8" in ext
     assert not ext.dsn and "MX.TEST" not in ext  # the greeting line is not an extension
     assert Extensions.from_ehlo(Reply(250, "mx\nSIZE 12x")).size == 0
+
+
+# ---- shared replies: the parser reuses objects of repeated single-line replies ----------
+
+
+def test_a_repeated_line_gives_the_same_reply() -> None:
+    first = parse_all(b"250 2.1.0 Sender ok\r\n")
+    again = parse_all(b"250 2.1.0 Sender ok\n250 2.1.0 Sender ok\r\n")
+    assert first == [Reply(250, "Sender ok", "2.1.0")]
+    assert again == first * 2
+
+
+def test_a_known_line_ending_a_multiline_reply_is_not_taken_alone() -> None:
+    assert parse_all(b"250 done\r\n") == [Reply(250, "done")]
+    assert parse_all(b"250-first\r\n250 done\r\n") == [Reply(250, "first\ndone")]
+
+
+def test_a_known_line_after_a_line_of_another_code_is_still_refused() -> None:
+    parse_all(b"250 done\r\n")
+    with pytest.raises(_BadReply):
+        parse_all(b"550-no\r\n250 done\r\n")
+
+
+def test_lines_split_across_reads_and_mixed_endings() -> None:
+    parser = _ReplyParser()
+    out = []
+    for piece in (b"25", b"0 2.0.0 Ok\r", b"\n354 go\n2", b"50 2.0.0 Ok\r\n"):
+        parser.feed(piece)
+        while (reply := parser.next_reply()) is not None:
+            out.append(reply)
+    assert out == [Reply(250, "Ok", "2.0.0"), Reply(354, "go"), Reply(250, "Ok", "2.0.0")]
+    assert not parser.has_data
