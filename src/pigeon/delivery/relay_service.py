@@ -296,21 +296,29 @@ class WorkerRelay:
     ) -> dict[int, Outcome]:
         if not envelopes:
             return {}
-        if not self.supervisor.ready.is_set():
-            return _every(envelopes, "relay worker is not running")
-        msgid = envelopes[0].msgid
-        try:
-            location = self.store.body_location(msgid)
-        except QueueError as exc:
-            return _every(envelopes, str(exc))
-        self.store.pin(msgid)
-        answer = await self._request(
-            self._deliver_request(route, envelopes, sender, location), [msgid]
-        )
-        outcomes, relayed = self._outcomes(answer, envelopes)
+        fut: asyncio.Future[tuple[dict[int, Outcome], set[int]]]
+        fut = asyncio.get_running_loop().create_future()
+
+        def then(outcomes: dict[int, Outcome], relayed: set[int]) -> None:
+            if not fut.done():
+                fut.set_result((outcomes, relayed))
+
+        if not self.submit(route, envelopes, sender, then):
+            return _every(envelopes, self._why_not(envelopes[0].msgid))
+        outcomes, relayed = await fut
         if dsn_relayed is not None:
             dsn_relayed.update(relayed)
         return outcomes
+
+    def _why_not(self, msgid: int) -> str:
+        """Why ``submit`` refused a message."""
+        if not self.supervisor.ready.is_set():
+            return "relay worker is not running"
+        try:
+            self.store.body_location(msgid)
+        except QueueError as exc:
+            return str(exc)
+        return "relay worker is not running"
 
     def submit(
         self,
