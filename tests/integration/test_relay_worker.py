@@ -118,22 +118,57 @@ def test_worker_relays_and_shows_relays(site: Site) -> None:
     assert pids and pids[-1] != site.daemon.proc.pid  # type: ignore[union-attr]
 
 
-def test_each_relayed_envelope_is_logged_once(site: Site) -> None:
-    """The worker writes the delivery lines of what it relays; the daemon must not too."""
+def test_each_relayed_envelope_is_logged_once_under_its_mta_session(site: Site) -> None:
+    """The worker writes the delivery line of each envelope it relays (the daemon must not
+    too), as smtpd's mta: under the id of the session that carried it, which its
+    ``connecting`` and ``connected`` lines share, with ``source`` and ``relay``."""
     site.sink.gate.set()
     subjects = [f"once-{i}" for i in range(3)]
     for subject in subjects:
         send(site, subject)
     wait_for(lambda: set(subjects) <= set(site.sink.received()), what="the sink to receive them")
     site.daemon.wait_queue_empty()
+    log = site.daemon.log()
     lines = re.findall(
-        r"mta delivery evpid=([0-9a-f]{16}) from=<alice@mx.local.test> "
-        r'to=<dora@smarthost.test> rcpt=<-> delay=\S+ result="Ok" stat="250 2.0.0 Ok queued"',
-        site.daemon.log(),
+        r"([0-9a-f]{16}) mta delivery evpid=([0-9a-f]{16}) from=<alice@mx.local.test> "
+        r'to=<dora@smarthost.test> rcpt=<-> source="127.0.0.1" '
+        r'relay="127.0.0.1 \(127.0.0.1\)" delay=\S+ result="Ok" stat="250 2.0.0 Ok queued"',
+        log,
     )
-    counts = {evpid: lines.count(evpid) for evpid in lines}
-    assert len(counts) >= len(subjects), site.daemon.log()
+    evpids = [evpid for _, evpid in lines]
+    counts = {evpid: evpids.count(evpid) for evpid in evpids}
+    assert len(counts) >= len(subjects), log
     assert set(counts.values()) == {1}, counts
+    for sid, _ in lines:
+        assert re.search(
+            rf"^{sid} mta connecting address=smtp://127.0.0.1:{site.sink_port} ", log, re.M
+        )
+        assert re.search(rf"^{sid} mta connected ", log, re.M)
+
+
+def test_a_session_that_ends_says_so_with_its_message_count(site: Site) -> None:
+    """``SID mta disconnected reason=quit messages=N``, as smtpd (here when the daemon stops
+    a kept session at reload: `mta limit session-keepalive 0` ends sessions at once)."""
+    site.sink.gate.set()
+    send(site, "counted")
+    wait_for(lambda: "counted" in site.sink.received(), what="the sink to receive it")
+    site.daemon.wait_queue_empty()
+    conf = site.daemon.conf.read_text()
+    site.daemon.conf.write_text(conf + "mta limit session-keepalive 0\n")
+    try:
+        assert "reloaded" in site.daemon.ctl("reload").stdout
+        send(site, "counted-2")
+        wait_for(
+            lambda: re.search(
+                r"^[0-9a-f]{16} mta disconnected reason=quit messages=[1-9]\d*$",
+                site.daemon.log(),
+                re.M,
+            ),
+            what="a disconnected line",
+        )
+    finally:
+        site.daemon.conf.write_text(conf)
+        site.daemon.ctl("reload")
 
 
 def test_worker_runs_unprivileged_when_started_as_root(site: Site) -> None:

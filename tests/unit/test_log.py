@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +152,38 @@ def test_levels_travel_to_a_child() -> None:
     # ...and an untrace clears the subsystem's level again.
     plog.apply_levels({"pigeon": logging.INFO})
     assert not logging.getLogger("pigeon.mta").isEnabledFor(logging.DEBUG)
+
+
+def test_a_relayed_delivery_line_is_smtpds() -> None:
+    """The shape of smtpd's own line (delivery-queue.md's capture), parsed back field by field."""
+    from pigeon.delivery.logline import delivery_line
+    from pigeon.queue.envelope import Envelope
+
+    env = Envelope(
+        evpid=0xCE3B871BF7F61A57,
+        dispatcher="relay",
+        type="mta",
+        sender="alice@example.test",
+        rcpt="dave@sink.test",
+        dest="dave@sink.test",
+        ctime=1000,
+    )
+    line = delivery_line(
+        env,
+        "ok",
+        "250 2.0.0 Ok",
+        1000.4,
+        session="e706f4f398c54e68",
+        source="127.0.0.1",
+        relay="127.0.0.1 (localhost)",
+    )
+    assert line == (
+        "e706f4f398c54e68 mta delivery evpid=ce3b871bf7f61a57 from=<alice@example.test> "
+        'to=<dave@sink.test> rcpt=<-> source="127.0.0.1" relay="127.0.0.1 (localhost)" '
+        'delay=0s result="Ok" stat="250 2.0.0 Ok"'
+    )
+    fields = plog.parse_line(line)
+    assert fields["session"] == "e706f4f398c54e68" and fields["relay"] == "127.0.0.1 (localhost)"
+    # Without a session (a failure before any connection) the line gets an id of its own.
+    plain = delivery_line(env, "tempfail", "451 no MX", 1000.0)
+    assert re.fullmatch(r"[0-9a-f]{16} mta delivery .* rcpt=<-> delay=0s .*", plain), plain

@@ -24,25 +24,54 @@ def format_delay(seconds: float) -> str:
     return human_duration(int(max(0, seconds)))
 
 
-def delivery_line(env: Envelope, status: str, stat: str, now: float) -> str:
+def delivery_line(
+    env: Envelope,
+    status: str,
+    stat: str,
+    now: float,
+    *,
+    session: str | None = None,
+    source: str | None = None,
+    relay: str | None = None,
+) -> str:
+    """``session``: the mta session's id (smtpd's own lines share it); ``source`` and
+    ``relay``: the local address and the peer ("ADDRESS (NAME)") of a relayed envelope."""
     # A log correlation id, as smtpd's: it needs no cryptographic strength.
-    session = f"{random.getrandbits(64):016x}"
+    session = session or f"{random.getrandbits(64):016x}"
     result = RESULT_WORDS[status]
     rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
     delay = format_delay(now - env.ctime)
     head = f"{session} {env.type} delivery evpid={env.evpid:016x} from=<{env.sender}> "
     if env.type == "mta":
-        return f'{head}to=<{env.dest}> rcpt={rcpt} delay={delay} result="{result}" stat="{stat}"'
+        where = ""
+        if source is not None:
+            where += f'source="{source}" '
+        if relay is not None:
+            where += f'relay="{relay}" '
+        return (
+            f'{head}to=<{env.dest}> rcpt={rcpt} {where}delay={delay} result="{result}" '
+            f'stat="{stat}"'
+        )
     user = env.mda_user or env.dest.rpartition("@")[0]
     return (
         f"{head}to=<{env.dest}> rcpt={rcpt} user={user} delay={delay} result={result} stat={stat}"
     )
 
 
-def log_delivery(env: Envelope, status: str, stat: str, now: float) -> bool:
+def log_delivery(
+    env: Envelope,
+    status: str,
+    stat: str,
+    now: float,
+    *,
+    session: str | None = None,
+    source: str | None = None,
+    relay: str | None = None,
+) -> bool:
     """Logs the line if its logger keeps INFO; True when it was written."""
     logger = mta_log if env.type == "mta" else mda_log
     if not logger.isEnabledFor(logging.INFO):
         return False
-    logger.info(delivery_line(env, status, stat, now))  # no arguments: never %-formatted
+    line = delivery_line(env, status, stat, now, session=session, source=source, relay=relay)
+    logger.info(line)  # no arguments: never %-formatted
     return True

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import random
 import re
 import ssl
 import time
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pigeon.delivery.dns import MXHost, MXResolver
+from pigeon.delivery.logline import log_delivery
 from pigeon.delivery.routes import (
     RelayRoute,
     RelayURL,
@@ -255,6 +257,9 @@ class ClientSession(asyncio.Protocol):
         self.idle_until = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self._trace_tail = b""  # while tracing: the start of a reply line not complete yet
+        # The relay agent's sessions log smtpd's `SID mta ...` lines (LMTP delivery's do not).
+        self.sid: str | None = None
+        self.end_reason = "closed"  # for `mta disconnected reason=`
         if tracing():
             self._conn.trace = []
             self.trace_debug(f"spawned for relay {self.relay}")
@@ -269,6 +274,13 @@ class ClientSession(asyncio.Protocol):
             self._dead = True
             if self._conn.trace is not None:
                 self.trace_debug("session done")
+            if self.sid is not None:
+                log.info(
+                    "%s mta disconnected reason=%s messages=%d",
+                    self.sid,
+                    self.end_reason,
+                    self.mails,
+                )
             self.cancel_idle_timer()
             if self._timer is not None:
                 self._timer.cancel()
@@ -317,6 +329,13 @@ class ClientSession(asyncio.Protocol):
     @property
     def extensions(self) -> Extensions:
         return self._conn.extensions
+
+    @property
+    def source(self) -> str:
+        """The local address of the connection ("" when unknown)."""
+        transport = self._transport
+        name = transport.get_extra_info("sockname") if transport is not None else None
+        return str(name[0]) if isinstance(name, tuple) and name else ""
 
     @property
     def tls_active(self) -> bool:
@@ -481,6 +500,7 @@ class ClientSession(asyncio.Protocol):
             await self._drain()
 
     def _broken(self, reason: str) -> SessionFailed:
+        self.end_reason = reason
         self.abort()
         return SessionFailed(None, reason)
 
@@ -606,6 +626,7 @@ class ClientSession(asyncio.Protocol):
             self.abort()
             return
         self._follow_trace()
+        self.end_reason = "quit"
         try:
             self._conn.quit()
         except ClientProtocolError:
@@ -1174,12 +1195,43 @@ class RelayAgent:
                 log.debug("mta: kept session to %s was lost, reconnecting", target.describe())
                 session, reused = None, False
                 continue
+            if session.sid is not None:
+                outcomes = self._log_outcomes(session, target, envelopes, outcomes)
             settings = self.settings
             own = settings.domain_limits.get(job.domain) if settings.domain_limits else None
             # Without limits of its own the settings serve as they are (no object per call).
             self._after_transaction(key, session, report, settings if own is None else own)
             return outcomes
         return None  # unreachable: the second round always returns
+
+    @staticmethod
+    def _log_outcomes(
+        session: ClientSession,
+        target: _Target,
+        envelopes: Sequence[Envelope],
+        outcomes: dict[int, Outcome],
+    ) -> dict[int, Outcome]:
+        """smtpd's ``mta delivery`` lines, under the session's id with its source and relay;
+        the outcomes come back marked as logged (whoever records them must not log again)."""
+        now = time.time()
+        source = session.source
+        relay = f"{target.address} ({target.name})"
+        logged: dict[int, Outcome] = {}
+        for env in envelopes:
+            outcome = outcomes.get(env.evpid)
+            if outcome is None:
+                continue
+            log_delivery(
+                env,
+                outcome.status,
+                outcome.line,
+                now,
+                session=session.sid,
+                source=source,
+                relay=relay,
+            )
+            logged[env.evpid] = Outcome(outcome.status, outcome.line, True)
+        return logged
 
     def _after_transaction(
         self,
@@ -1305,21 +1357,51 @@ class RelayAgent:
             if target.lmtp
             else {"smtps": "smtps", "starttls": "smtp+tls"}.get(plan.mode, "smtp")
         )
+        # smtpd's mta session id: its connecting, connected, delivery, error and disconnected
+        # lines share it. A log correlation id, it needs no cryptographic strength.
+        sid = f"{random.getrandbits(64):016x}"
         log.info(
-            "mta connecting address=%s://%s:%d host=%s",
+            "%s mta connecting address=%s://%s:%d host=%s",
+            sid,
             scheme,
             target.address,
             target.port,
             target.name,
         )
         try:
-            session = await ClientSession.open_tcp(
+            session = await self._open_socket(target, config, context, plan.mode, route, relay)
+            ready = await session.handshake(context if starttls else None, target.name)
+        except HandshakeError as exc:
+            log.info("%s mta error reason=%s", sid, exc)
+            raise
+        session.sid = sid
+        log.info(
+            "%s mta connected address=%s:%d tls=%s esmtp=%s",
+            sid,
+            target.address,
+            target.port,
+            "yes" if ready.tls else "no",
+            "yes" if ready.esmtp else "no",
+        )
+        return session
+
+    async def _open_socket(
+        self,
+        target: _Target,
+        config: ClientConfig,
+        context: ssl.SSLContext | None,
+        mode: str,
+        route: RelayRoute,
+        relay: str,
+    ) -> ClientSession:
+        try:
+            return await ClientSession.open_tcp(
                 target.address,
                 target.port,
                 config,
                 connect_timeout=self.settings.connect_timeout,
                 timeout=self.settings.command_timeout,
-                ssl_context=context if plan.mode == "smtps" else None,
+                ssl_context=context if mode == "smtps" else None,
                 server_hostname=target.name,
                 local_address=route.source,
                 relay=relay,
@@ -1333,15 +1415,6 @@ class RelayAgent:
             raise HandshakeError(f"TLS handshake failed: {exc}") from None
         except OSError as exc:
             raise HandshakeError(f"connection failed: {exc.strerror or exc}") from None
-        ready = await session.handshake(context if starttls else None, target.name)
-        log.info(
-            "mta connected address=%s:%d tls=%s esmtp=%s",
-            target.address,
-            target.port,
-            "yes" if ready.tls else "no",
-            "yes" if ready.esmtp else "no",
-        )
-        return session
 
     def _tls_context(self, verify: bool, client_cert: tuple[str, str] | None) -> ssl.SSLContext:
         key = (verify, client_cert)

@@ -220,7 +220,7 @@ class Worker:
             now = time.time()
             for env in envelopes:
                 outcome = outcomes.get(env.evpid)
-                if outcome is not None:
+                if outcome is not None and not outcome.logged:  # (the agent logs its own)
                     log_delivery(env, outcome.status, outcome.line, now)
             answer["logged"] = True
         self.outbox.send(answer, linger=ANSWER_LINGER)
