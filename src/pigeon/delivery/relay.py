@@ -1186,8 +1186,8 @@ class RelayAgent:
             if session is None:
                 try:
                     session = await self._connect(target, job.route, job)
-                except HandshakeError as exc:
-                    log.info("mta: %s: %s", target.describe(), exc)
+                except HandshakeError as exc:  # logged as `SID mta error reason=...`
+                    log.debug("mta: %s: %s", target.describe(), exc)
                     errors.append(f"{target.describe()}: {exc}")
                     return None
             outcomes, report = await self._transact(session, job, envelopes)
