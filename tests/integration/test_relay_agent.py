@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
+import re
 import ssl
 import time
 from collections.abc import Coroutine, Iterator
@@ -345,6 +347,42 @@ def test_next_mx_when_the_first_refuses_connections_or_greets_with_4xx(
             assert len(good.messages) == 1
 
     run(scenario())
+
+
+def test_mta_log_lines_share_their_session_id(
+    dns: DNSTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As smtpd's mta: a session's connecting, error or connected, delivery and disconnected
+    lines all start with its id; the delivery line names the source and the relay."""
+
+    async def scenario() -> list[Outcome]:
+        async with Sink(host="127.0.0.3") as good:
+            dns.add_mx("lines.test", 5, "dead.lines.test")  # nothing listens there
+            dns.add_mx("lines.test", 10, "good.lines.test")
+            dns.add_a("dead.lines.test", "127.0.0.2")
+            dns.add_a("good.lines.test", "127.0.0.3")
+            return await deliver(
+                agent(dns, mx_port=good.port), RelayRoute(), [envelope("bob@lines.test")]
+            )
+
+    with caplog.at_level(logging.INFO, logger="pigeon"):
+        assert statuses(run(scenario())) == ["ok"]
+    lines = [r.getMessage() for r in caplog.records if " mta " in r.getMessage()]
+    by_session: dict[str, list[str]] = {}
+    for line in lines:
+        sid, _, rest = line.partition(" ")
+        assert re.fullmatch(r"[0-9a-f]{16}", sid), line
+        by_session.setdefault(sid, []).append(rest)
+    dead, good = by_session.values()
+    assert dead[0].startswith("mta connecting address=smtp://127.0.0.2:")
+    assert dead[1].startswith("mta error reason=connection failed")
+    assert good[0].startswith("mta connecting address=smtp://127.0.0.3:")
+    assert good[1].startswith("mta connected ")
+    assert good[2].startswith("mta delivery evpid=") and (
+        'rcpt=<-> source="127.0.0.1" relay="127.0.0.3 (good.lines.test)" delay=0s '
+        'result="Ok" stat="250 2.0.0 Ok: queued"' in good[2]
+    ), good[2]
+    assert good[3] == "mta disconnected reason=quit messages=1"
 
 
 def test_all_mx_unreachable_is_a_tempfail(dns: DNSTestServer) -> None:
