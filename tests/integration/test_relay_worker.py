@@ -236,8 +236,12 @@ def relay_one(site: Site, subject: str) -> None:
 def test_trace_mta_logs_the_relay_dialogue_and_log_verbose_does_not(site: Site) -> None:
     site.sink.gate.set()
     daemon = site.daemon
-    daemon.ctl("log", "verbose")
+    conf = daemon.conf.read_text()
     try:
+        # No session kept between messages: the traced one opens its own (greeting, EHLO, id).
+        daemon.conf.write_text(conf + "mta limit session-keepalive 0\n")
+        assert "reloaded" in daemon.ctl("reload").stdout
+        daemon.ctl("log", "verbose")
         start = len(daemon.log())
         relay_one(site, "verbose-only")
         assert not DIALOGUE.search(daemon.log()[start:]), daemon.log()[start:]
@@ -255,11 +259,14 @@ def test_trace_mta_logs_the_relay_dialogue_and_log_verbose_does_not(site: Site) 
             for line in daemon.log()[start:].splitlines()
             if line.startswith(f"mta: {session}: ")
         ]
-        if f"debug: mta: {session}: spawned for relay" in daemon.log()[start:]:
-            # A new session (not one kept from the message before): the greeting and every
-            # line of the sink's multiline EHLO reply.
-            assert traced[0].startswith("<<< 220 "), traced
-            assert "<<< 250-8BITMIME" in traced, traced
+        # A new session: the greeting and every line of the sink's multiline EHLO reply.
+        assert f"debug: mta: {session}: spawned for relay" in daemon.log()[start:]
+        assert traced[0].startswith("<<< 220 "), traced
+        assert "<<< 250-8BITMIME" in traced, traced
+        # The trace names the session id its `SID mta ...` log lines carry.
+        sid = re.search(rf"^debug: mta: {session}: session ([0-9a-f]{{16}})$", daemon.log(), re.M)
+        assert sid is not None, daemon.log()[start:]
+        assert re.search(rf"^{sid.group(1)} mta connected ", daemon.log(), re.M)
         assert "RCPT TO:<dora@smarthost.test>" in " ".join(traced)
         assert "<<< 250 2.0.0 Ok queued" in traced, traced
         assert any(re.fullmatch(r">>> \[\.\.\.\d+ bytes\.\.\.\]", line) for line in traced), traced
@@ -274,3 +281,5 @@ def test_trace_mta_logs_the_relay_dialogue_and_log_verbose_does_not(site: Site) 
     finally:
         daemon.ctl("untrace", "mta")
         daemon.ctl("log", "brief")
+        daemon.conf.write_text(conf)
+        daemon.ctl("reload")

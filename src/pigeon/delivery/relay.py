@@ -411,6 +411,11 @@ class ClientSession(asyncio.Protocol):
 
     # ---- tracing (``pigeon trace mta``): OpenSMTPD's ``mta: 0x...: >>> EHLO ...`` lines
 
+    @property
+    def traced(self) -> bool:
+        """Its dialogue is being traced (``pigeon trace mta``)."""
+        return self._conn.trace is not None
+
     def trace_debug(self, text: str) -> None:
         trace_log.debug("debug: mta: %#x: %s", id(self), text)
 
@@ -1375,6 +1380,8 @@ class RelayAgent:
             log.info("%s mta error reason=%s", sid, exc)
             raise
         session.sid = sid
+        if session.traced:  # links the trace's id to the log lines' one
+            session.trace_debug(f"session {sid}")
         log.info(
             "%s mta connected address=%s:%d tls=%s esmtp=%s",
             sid,
