@@ -276,7 +276,11 @@ class Daemon:
             return CredentialsChecker(lookup, auth_check=auth_check)
         return CredentialsChecker(lookup)
 
-    async def start(self) -> None:
+    async def start(self, drop_privileges: Callable[[], None] | None = None) -> None:
+        """Open the queue, start the helpers, bind every socket, then serve.
+
+        ``drop_privileges`` runs once everything that needs root is done and before any
+        client, control request or delivery is handled: nothing is ever served as root."""
         self.store.open()
         for env in self.store.envelopes():
             self.scheduler.add(env)
@@ -287,15 +291,22 @@ class Daemon:
         await start_tables(self.tables.values())
         await self.relay.start()  # as root: the worker drops to the unprivileged user
         for runtime in self.listener_runtimes():
-            servers = await start_listener(self.services, runtime)
+            servers = await start_listener(self.services, runtime, serving=False)
             self.listeners.append((runtime, servers))
             self.servers += servers
         if self.config.metrics is not None:
             m = self.config.metrics
-            self.metrics_server = await metrics.serve(m.address, m.port)
+            self.metrics_server = await metrics.serve(m.address, m.port, serving=False)
             self.metrics_address = (m.address, m.port)
         metrics.set_gauge_source(self.gauges)
-        await self.control.start()
+        await self.control.start(serving=False)
+        if drop_privileges is not None:
+            drop_privileges()
+        for server in self.servers:
+            await server.start_serving()
+        if self.metrics_server is not None:
+            await self.metrics_server.start_serving()
+        await self.control.serve()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.scheduler.run()))
         self._tasks.append(loop.create_task(self._sweeper()))

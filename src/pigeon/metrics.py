@@ -302,11 +302,16 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-async def serve(address: str, port: int) -> asyncio.AbstractServer:
-    """Start the /metrics listener (enables metrics if needed)."""
+async def serve(address: str, port: int, *, serving: bool = True) -> asyncio.AbstractServer:
+    """Start the /metrics listener (enables metrics if needed); ``serving=False`` only binds."""
     enable()
     server = await asyncio.start_server(
-        _handle, host=address, port=port, limit=MAX_REQUEST, reuse_address=True
+        _handle,
+        host=address,
+        port=port,
+        limit=MAX_REQUEST,
+        reuse_address=True,
+        start_serving=serving,
     )
     log.info("info: metrics listening on %s port %d", address, port)
     return server

@@ -226,8 +226,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         except TLSConfigError as exc:
             print(f"pigeon: {exc}", file=sys.stderr)
             return 1
+
+        def drop() -> None:
+            assert run_as is not None
+            try:
+                privsep.drop_privileges(run_as, spool)
+            except OSError as exc:
+                raise privsep.PrivsepError(str(exc)) from exc
+
         try:
-            await daemon.start()
+            # Ports bound and keys read, root is no longer needed: dropped before serving.
+            await daemon.start(drop if run_as is not None else None)
         except QueueLocked as exc:
             print(f"pigeon: {exc}", file=sys.stderr)
             return 1
@@ -239,13 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"pigeon: cannot start: {exc}", file=sys.stderr)
             await daemon.shutdown()
             return 1
-        if run_as is not None:  # ports bound, keys read: root is no longer needed here
-            try:
-                privsep.drop_privileges(run_as, spool)
-            except (OSError, privsep.PrivsepError) as exc:
-                print(f"pigeon: cannot drop privileges: {exc}", file=sys.stderr)
-                await daemon.shutdown()
-                return 1
+        except privsep.PrivsepError as exc:
+            print(f"pigeon: cannot drop privileges: {exc}", file=sys.stderr)
+            await daemon.shutdown()
+            return 1
         try:
             await daemon.serve_forever()
         finally:

@@ -114,13 +114,21 @@ class ControlServer:
     def spool(self) -> Path:
         return self.path.parent
 
-    async def start(self) -> None:
+    async def start(self, *, serving: bool = True) -> None:
+        """Create the socket; ``serving=False`` leaves answering to :meth:`serve`."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self.server = await asyncio.start_unix_server(
-            self._client, path=str(self.path), limit=MAX_REQUEST
+            self._client, path=str(self.path), limit=MAX_REQUEST, start_serving=serving
         )
         os.chmod(self.path, 0o666)
+        if serving:
+            await self.serve()
+
+    async def serve(self) -> None:
+        """Answer requests and watch the offline queue."""
+        if self.server is not None and not self.server.is_serving():
+            await self.server.start_serving()
         try:
             offline.ensure_dir(self.spool)
         except OSError as exc:

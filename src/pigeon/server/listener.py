@@ -93,8 +93,12 @@ def _ipv6_available() -> bool:
         return False
 
 
-async def start_listener(services: Services, runtime: ListenerRuntime) -> list[asyncio.Server]:
-    """Bind every address of the listener; IPv6 loopback is skipped when the host lacks it."""
+async def start_listener(
+    services: Services, runtime: ListenerRuntime, *, serving: bool = True
+) -> list[asyncio.Server]:
+    """Bind every address of the listener; IPv6 loopback is skipped when the host lacks it.
+
+    ``serving=False`` binds without accepting yet (the daemon drops root in between)."""
     from pigeon.server.session import SMTPSession
 
     loop = asyncio.get_running_loop()
@@ -110,6 +114,7 @@ async def start_listener(services: Services, runtime: ListenerRuntime) -> list[a
             backlog=BACKLOG,
             reuse_address=True,
             ssl=runtime.ssl_context if runtime.smtps else None,
+            start_serving=serving,
         )
         servers.append(server)
     return servers
