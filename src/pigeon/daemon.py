@@ -62,6 +62,8 @@ log = logging.getLogger("pigeon")
 SWEEP_INTERVAL = 5.0
 SESSION_TIMEOUT = 300.0
 COMPACT_INTERVAL = 30.0
+# At shutdown, how long deliveries under way may take to end (see _finish_deliveries).
+SHUTDOWN_GRACE = 5.0
 # A relay action's route (its host, auth and src tables looked up) is used again for this
 # long: a message each needs it, and a proc or remote table would be asked every time.
 # `pigeon update table` forgets it at once.
@@ -159,6 +161,7 @@ class Daemon:
         )
         self._outcome_batch: list[tuple[Envelope, Outcome]] = []  # see _relayed
         self._report_tasks: set[asyncio.Task[None]] = set()
+        self._recording = True  # outcomes are recorded (until shutdown has let them finish)
         for kind in ("mda", "mta"):
             if kind in options.paused:
                 self.scheduler.pause(kind)
@@ -357,9 +360,7 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.close()
         await self.control.stop()
-        await self.scheduler.stop()
-        for task in list(self._report_tasks):
-            task.cancel()
+        await self._finish_deliveries(SHUTDOWN_GRACE)
         await self.relay.close()
         for task in self._tasks:
             task.cancel()
@@ -368,6 +369,25 @@ class Daemon:
                 await task
         await self.store.close()
         await close_tables(self.tables.values())
+
+    async def _finish_deliveries(self, grace: float) -> None:
+        """Deliveries under way get ``grace`` seconds to end and have their outcome
+        recorded: a message the next hop has taken is not sent again after a restart.
+        What is still running then is cut off and stays queued (at least once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        under_way = len(self.scheduler.inflight)
+        if under_way:
+            log.info("info: waiting up to %gs for %d delivery(ies) under way", grace, under_way)
+        await self.scheduler.stop(grace=grace)
+        await self.relay.drain(deadline - loop.time())
+        if self._report_tasks:
+            await asyncio.wait(list(self._report_tasks), timeout=max(0.0, deadline - loop.time()))
+        self._recording = False  # answers from here on are the worker being stopped
+        for task in list(self._report_tasks):
+            task.cancel()
+        if self._outcome_batch:
+            self._store_outcome_batch()
 
     async def update_table(self, name: str) -> None:
         """``pigeon update table NAME``: reload one table in place (TableError on failure;
@@ -511,8 +531,8 @@ class Daemon:
     ) -> None:
         """The worker's answer for claimed envelopes. Outcomes of one event-loop iteration
         are stored together (one DELETE record for a batch of answers)."""
-        if self.scheduler.stopping:
-            return  # shutting down: they stay queued as they are, tried at the next start
+        if not self._recording:
+            return  # shut down: they stay queued as they are, tried at the next start
         try:
             if metrics.enabled():
                 metrics.observe("delivery_seconds", time.monotonic() - started, agent=method)

@@ -4,6 +4,7 @@ relay in the daemon (``--relay in-process``) and in the relay worker (the defaul
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import smtplib
@@ -20,6 +21,7 @@ from dnsserver import DNSTestServer
 from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
 
 SRS_KEY = "a secret of the forwarder"
+SLOW_REPLY = 1.5  # seconds the sink waits before its final reply to a "slow" recipient
 
 
 @dataclass
@@ -32,9 +34,10 @@ class Received:
 @dataclass
 class SinkHandler:
     """Accepts everything except recipients starting with ``reject`` (refused) or ``later``
-    (temporarily refused)."""
+    (temporarily refused); for ``slow`` ones it takes its time before its final reply."""
 
     messages: list[Received] = field(default_factory=list)
+    slow_started: list[bytes] = field(default_factory=list)  # bodies it is taking slowly
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(
@@ -53,6 +56,9 @@ class SinkHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
+        if any(str(rcpt).startswith("slow") for rcpt in envelope.rcpt_tos):
+            self.slow_started.append(bytes(envelope.original_content or b""))
+            await asyncio.sleep(SLOW_REPLY)
         with self.lock:
             self.messages.append(
                 Received(
@@ -266,3 +272,20 @@ def test_busy_route_refusals_bounce_and_tempfails_stay_queued(site: Site) -> Non
     assert len(later) == 3 and all("451 4.3.0 Try again later" in line for line in later), later
     # Clean up for the other tests: they expect an empty queue.
     site.daemon.ctl("remove", "all")
+
+
+def test_a_delivery_under_way_at_shutdown_is_recorded_not_sent_again(site: Site) -> None:
+    """Stopped while the next hop is still taking a message: the daemon waits for the
+    answer and records it, so the restart does not send that message a second time.
+    (Last in the module: it restarts the daemon.)"""
+    send(site, "alice@mx.local.test", ["slow@plain.test"], "at shutdown")
+    wait_for(
+        lambda: any(b"Subject: at shutdown" in m for m in site.handler.slow_started),
+        what="the sink to be taking it",
+    )
+    site.daemon.stop()
+    assert len(find(site, "at shutdown")) == 1
+    assert "waiting up to 5s for 1 delivery(ies) under way" in site.daemon.log()
+    site.daemon.start()
+    site.daemon.wait_queue_empty()  # a copy still queued would be sent again before this
+    assert len(find(site, "at shutdown")) == 1

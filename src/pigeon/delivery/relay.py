@@ -982,11 +982,17 @@ class RelayAgent:
         return merged
 
     def reconfigure(self, settings: RelaySettings) -> None:
-        """New settings (a reload); kept sessions and what the views show stay. Connection
-        limits apply anew from the next delivery (transactions under way finish as they
-        started)."""
+        """New settings (a reload). Kept sessions were opened under the old ones (helo,
+        TLS, auth, keepalive): they end now, and the next delivery opens one under the new
+        settings. Connection limits apply anew from the next delivery; transactions under
+        way finish as they started; what the views show stays."""
         self.settings = settings
         self._limits.clear()
+        idle = [session for sessions in self._idle.values() for session in sessions]
+        self._idle.clear()
+        for session in idle:
+            session.cancel_idle_timer()
+            self._spawn(session.quit())
 
     async def close(self) -> None:
         """Ends every kept session (QUIT) and waits for the closings under way."""

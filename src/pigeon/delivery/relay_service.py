@@ -61,6 +61,11 @@ class RelayService(Protocol):
 
     def sync_log_levels(self) -> None: ...
 
+    async def drain(self, timeout: float) -> int:
+        """At shutdown: wait at most ``timeout`` seconds for deliveries under way to be
+        answered; returns how many were still unanswered when it started."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -107,6 +112,9 @@ class InProcessRelay:
     def sync_log_levels(self) -> None:
         pass  # same process, same loggers
 
+    async def drain(self, timeout: float) -> int:
+        return 0  # its deliveries are the scheduler's tasks: Scheduler.stop waits for them
+
     async def close(self) -> None:
         await self.agent.close()
 
@@ -130,6 +138,7 @@ class WorkerRelay:
         # Requests waiting for their answer: what to call with it, and the pinned messages.
         self._pending: dict[int, tuple[Callable[[dict[str, Any]], None], list[int]]] = {}
         self._outgoing: list[dict[str, Any]] = []
+        self._drained: asyncio.Future[None] | None = None  # set when _pending empties
         # Routes the worker knows by number: a delivery names its route, not all its fields.
         self._route_ids: dict[RelayRoute, int] = {}
         # The worker writes its lines (a delivery line per relayed envelope, as smtpd's mta)
@@ -200,6 +209,19 @@ class WorkerRelay:
         if self.supervisor.ready.is_set():
             self._send({"op": "levels", "levels": logger_levels()})
 
+    async def drain(self, timeout: float) -> int:
+        waiting = len(self._pending)
+        if not waiting or timeout <= 0:
+            return waiting
+        self._drained = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._drained = None
+        return waiting
+
     async def close(self) -> None:
         if self._started:
             await self.supervisor.stop()
@@ -251,6 +273,8 @@ class WorkerRelay:
             then(message)
         except Exception:  # one bad answer handler must not stop the others
             log.exception("warn: %s: handling an answer failed", WORKER_NAME)
+        if not self._pending and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     def _route_id(self, route: RelayRoute) -> int:
         """The route's number in the worker, telling it the route first if it is new."""

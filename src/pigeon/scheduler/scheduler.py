@@ -281,9 +281,13 @@ class Scheduler:
             timer.cancel()
         self._sleep_until = 0.0
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Start nothing more; attempts under way get ``grace`` seconds to finish (their
+        outcome recorded, not tried again after a restart), then are cancelled."""
         self._stopping = True
         self._wake.set()
+        if grace > 0 and self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -168,3 +168,29 @@ def test_a_failing_claim_starts_nothing_twice_and_retries_later() -> None:
         assert h.sched.scheduled_at(e.evpid) == T0 + 300  # BUG_RETRY_DELAY
 
     asyncio.run(scenario())
+
+
+def test_stop_lets_attempts_under_way_finish_within_the_grace_then_cancels() -> None:
+    async def scenario() -> None:
+        finished: list[int] = []
+        cancelled: list[int] = []
+        quick, stuck = env(), env()
+
+        async def dispatch(e: Envelope) -> None:
+            try:
+                await asyncio.sleep(0.01 if e is quick else 60)
+                finished.append(e.evpid)
+            except asyncio.CancelledError:
+                cancelled.append(e.evpid)
+                raise
+
+        sched = Scheduler(dispatch, clock=ManualClock(T0))
+        sched.add(quick)
+        sched.add(stuck)
+        await sched.run_due()
+        await asyncio.wait_for(sched.stop(grace=0.2), timeout=5)
+        assert finished == [quick.evpid]
+        assert cancelled == [stuck.evpid]
+        assert sched.stopping
+
+    asyncio.run(scenario())
