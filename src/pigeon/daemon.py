@@ -369,6 +369,7 @@ class Daemon:
                 await task
         await self.store.close()
         await close_tables(self.tables.values())
+        log.info("Exiting")  # smtpd's last line, which scripts wait for
 
     async def _finish_deliveries(self, grace: float) -> None:
         """Deliveries under way get ``grace`` seconds to end and have their outcome

@@ -50,6 +50,7 @@ RELAY_TRICKS = [
     f"{DOMAIN}!evil.example!victim",
     f"@{DOMAIN}:victim@evil.example",  # source routes
     f"@{DOMAIN},@{MX}:victim@evil.example",
+    f"{DOMAIN}:victim@evil.example",  # OpenSMTPD's looser route form: stripped, then refused
     f"@evil.example:victim@{DOMAIN}",  # (a route to us, for a user we do not have)
     f'"victim@evil.example"@{DOMAIN}',  # quoted local parts with @
     '"victim@evil.example"@localhost',

@@ -933,6 +933,7 @@ def test_lmtp_over_tcp_with_local_user_names() -> None:
                 f"127.0.0.1:{sink.port}", envs, BODY, rcpt_to=False, users=users
             )
             assert [results[e.evpid].status for e in envs] == ["ok", "permfail", "tempfail"]
+            assert results[envs[0].evpid].line == "Delivered"  # smtpd's mail.lmtp says so
             assert results[envs[1].evpid].line == "550 5.1.1 No such user"
             [session] = sink.sessions
             assert session.commands == [

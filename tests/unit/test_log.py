@@ -187,3 +187,32 @@ def test_a_relayed_delivery_line_is_smtpds() -> None:
     # Without a session (a failure before any connection) the line gets an id of its own.
     plain = delivery_line(env, "tempfail", "451 no MX", 1000.0)
     assert re.fullmatch(r"[0-9a-f]{16} mta delivery .* rcpt=<-> delay=0s .*", plain), plain
+
+
+def test_a_local_delivery_line_is_smtpds() -> None:
+    """smtpd's mda lines name the original recipient even when it is the destination
+    (smtpd-log-deliveries.txt), where its mta lines say ``rcpt=<->``."""
+    from pigeon.delivery.logline import delivery_line
+    from pigeon.queue.envelope import Envelope
+
+    def env(rcpt: str) -> Envelope:
+        return Envelope(
+            evpid=0x497D30D0D442DE38,
+            dispatcher="local",
+            type="mda",
+            sender="bob@example.test",
+            rcpt=rcpt,
+            dest="alice@example.test",
+            ctime=1000,
+            mda_user="alice",
+        )
+
+    assert delivery_line(
+        env("alice@example.test"), "ok", "Delivered", 1000.2, session="e706f4ee880afd37"
+    ) == (
+        "e706f4ee880afd37 mda delivery evpid=497d30d0d442de38 from=<bob@example.test> "
+        "to=<alice@example.test> rcpt=<alice@example.test> user=alice delay=0s result=Ok "
+        "stat=Delivered"
+    )
+    aliased = delivery_line(env("carol@example.test"), "ok", "Delivered", 1000.0)
+    assert " to=<alice@example.test> rcpt=<carol@example.test> user=alice " in aliased

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from pigeon.delivery.relay import ClientSession, HandshakeError, outcome_for
 from pigeon.protocol.client import ClientConfig, RecipientSpec, Transaction
+from pigeon.protocol.replies import Reply
 from pigeon.queue.envelope import Envelope
 from pigeon.scheduler.scheduler import Outcome
 
@@ -111,6 +112,16 @@ async def deliver_lmtp(
         await session.quit()
     undecided = Outcome.tempfail(f"LMTP session with {destination} failed: {report.failure}")
     return {
-        env.evpid: (outcome_for(report.replies[i]) if i in report.replies else undecided)
+        env.evpid: (_outcome(report.replies[i]) if i in report.replies else undecided)
         for i, env in enumerate(envelopes)
     }
+
+
+def _outcome(reply: Reply) -> Outcome:
+    """As smtpd's mail.lmtp, an accepted recipient is "Delivered"; a refusal keeps the
+    server's reply (5xx permanent, 4xx temporary)."""
+    outcome = outcome_for(reply)
+    return DELIVERED if outcome.status == "ok" else outcome
+
+
+DELIVERED = Outcome.ok("Delivered")

@@ -39,10 +39,12 @@ def delivery_line(
     # A log correlation id, as smtpd's: it needs no cryptographic strength.
     session = session or f"{random.getrandbits(64):016x}"
     result = RESULT_WORDS[status]
-    rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
     delay = format_delay(now - env.ctime)
     head = f"{session} {env.type} delivery evpid={env.evpid:016x} from=<{env.sender}> "
     if env.type == "mta":
+        # smtpd's mta names the original recipient only when expansion changed it; its
+        # mda lines always do.
+        rcpt = "<->" if env.rcpt == env.dest else f"<{env.rcpt}>"
         where = ""
         if source is not None:
             where += f'source="{source}" '
@@ -54,7 +56,8 @@ def delivery_line(
         )
     user = env.mda_user or env.dest.rpartition("@")[0]
     return (
-        f"{head}to=<{env.dest}> rcpt={rcpt} user={user} delay={delay} result={result} stat={stat}"
+        f"{head}to=<{env.dest}> rcpt=<{env.rcpt}> user={user} delay={delay} result={result} "
+        f"stat={stat}"
     )
 
 

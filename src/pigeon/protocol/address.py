@@ -156,16 +156,22 @@ def _find_closing_bracket(text: str) -> int:
 
 
 def _strip_source_route(inner: str, utf8: bool) -> str:
-    """Drop an RFC 5321 A-d-l (``@a,@b:``), which servers must accept and may ignore."""
-    if not inner.startswith("@"):
-        return inner
-    route, sep, rest = inner.partition(":")
-    if not sep:
-        raise AddressError("source route without ':'")
-    for hop in route.split(","):
-        if not hop.startswith("@") or not valid_domain(hop[1:], utf8):
-            raise AddressError("bad source route")
-    return rest
+    """Drop a source route, which servers must accept and may ignore: an RFC 5321 A-d-l
+    (``@a,@b:``), or as OpenSMTPD does, whatever an unquoted local part holds up to its
+    first ``:`` (``<whatever:a@b>`` is ``a@b``). Rules match what is left."""
+    if inner.startswith("@"):
+        route, sep, inner = inner.partition(":")
+        if not sep:
+            raise AddressError("source route without ':'")
+        for hop in route.split(","):
+            if not hop.startswith("@") or not valid_domain(hop[1:], utf8):
+                raise AddressError("bad source route")
+    at = inner.rfind("@")
+    local = inner[:at] if at >= 0 else inner
+    colon = local.find(":")
+    if colon >= 0 and not local.startswith('"'):
+        return inner[colon + 1 :]
+    return inner
 
 
 def parse_mailbox(text: str, *, utf8: bool = False, default_domain: str | None = None) -> Mailbox:
@@ -211,7 +217,7 @@ def parse_path(
         raise AddressError("missing '>'")
     # OpenSMTPD does not insist on a space between ">" and the first parameter.
     inner, rest = text[1:close], text[close + 1 :].lstrip(" ")
-    if inner == "":
+    if inner == "" or inner == "@":  # OpenSMTPD reads "<@>" as the null path too
         if not allow_null:
             raise AddressError("null path not allowed here")
         return "", rest

@@ -305,10 +305,12 @@ class Expander:
         base, _, tag = name.partition(self.delim)
         subaddress = tag or None
         if action.user is not None or action.method == "lmtp":
-            # the action delivers as a fixed user: no per-recipient account or .forward
+            # the action delivers as a fixed user: no per-recipient account or .forward.
+            # LMTP names the user the address resolved to (after alias or virtual), as
+            # smtpd's mail.lmtp -u, unless the action has a user of its own.
             if action.method in ("forward-only", "expand-only"):  # pragma: no cover
                 raise _invalid(rcpt)
-            self._deliver(run, action, dest, action.user, None, subaddress, internal)
+            self._deliver(run, action, dest, action.user or base, None, subaddress, internal)
             return
         info = await self._user_lookup(action, base)
         if info is None:

@@ -27,6 +27,11 @@ from pigeon.protocol.address import (
         ("<a@b.c> SIZE=1 BODY=8BITMIME", "a@b.c", "SIZE=1 BODY=8BITMIME"),
         ("<a.b+tag@sub.b-c.d>", "a.b+tag@sub.b-c.d", ""),
         ("<@r1.test,@r2.test:a@b.c>", "a@b.c", ""),
+        # OpenSMTPD's looser route: an unquoted local part up to its first ":" goes.
+        ("<r1.test:a@b.c>", "a@b.c", ""),
+        ("<whatever:a@a>", "a@a", ""),
+        ("<@r1.test:x:a@b.c>", "a@b.c", ""),
+        ('<"a:b"@c.d>', '"a:b"@c.d', ""),  # quoted: the colon is part of the name
         ('<"a b"@c.d>', '"a b"@c.d', ""),
         ('<"a>b"@c.d> X', '"a>b"@c.d', "X"),
         ('<"a\\"b"@c.d>', '"a\\"b"@c.d', ""),
@@ -42,8 +47,10 @@ def test_parse_path_ok(text: str, address: str, rest: str) -> None:
 
 def test_null_path_only_where_allowed() -> None:
     assert parse_path("<> RET=FULL", allow_null=True) == ("", "RET=FULL")
-    with pytest.raises(AddressError):
-        parse_path("<>", allow_null=False)
+    assert parse_path("<@>", allow_null=True) == ("", "")  # as OpenSMTPD
+    for text in ("<>", "<@>"):
+        with pytest.raises(AddressError):
+            parse_path(text, allow_null=False)
 
 
 def test_default_domain_for_local_only_address() -> None:
@@ -77,7 +84,9 @@ def test_default_domain_for_local_only_address() -> None:
         "<a@[tag:x]>",
         "<@r1.test:>",
         "<@r1.test a@b.c>",
-        "<r1.test:a@b.c>",
+        "<a:@a>",  # nothing left of the local part once the route is gone
+        "<a:b:c@d.e>",
+        "<@a:>",
         '<"unterminated@b.c>',
         '<"a"b@c.d>',
         "<j\u00f6rg@b.c>",

@@ -279,3 +279,21 @@ def test_real_forward_file_checks(tmp_path: Path) -> None:
     fwd.chmod(0o644)
     other = UserInfo("other", os.getuid() + 1, os.getgid(), str(home))
     assert asyncio.run(read_forward(other)) is None  # not owned by the user
+
+
+def test_lmtp_names_the_user_the_address_resolved_to(tmp_path: Path) -> None:
+    """As smtpd's ``mail.lmtp -u``: the alias or virtual target, not the address's local
+    part. No account is needed (an LMTP server such as Dovecot has its own users)."""
+    conf = (
+        'table aliases { "alias-test" = "doom" }\n'
+        'table vusers { "doom@example.org" = "doom" }\n'
+        'action "a" lmtp "127.0.0.1:24" alias <aliases>\n'
+        'action "v" lmtp "127.0.0.1:24" virtual <vusers>\n'
+        'match from any for rcpt-to "alias-test@example.org" action "a"\n'
+        'match from any for rcpt-to "doom@example.org" action "v"\n'
+    )
+    env = Env(conf, tmp_path)
+    assert summary(env.expand("alias-test@example.org")) == [
+        ("a", "alias-test@example.org", "doom", None)
+    ]
+    assert summary(env.expand("doom@example.org")) == [("v", "doom@example.org", "doom", None)]
