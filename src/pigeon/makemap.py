@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pigeon.tables.base import TableError
-from pigeon.tables.db import MapFile, write_map
+from pigeon.tables.db import open_map, write_map
 from pigeon.tables.file import TableFileError, parse_table_text
 
 
@@ -46,7 +46,7 @@ def makemap(source: str, output: str, map_type: str = "map") -> int:
 
 
 def unmake(path: str) -> str:
-    m = MapFile(path)
+    m = open_map(path)
     try:
         lines = [k if v is None else f"{k}\t{v}" for k, v in m.items()]
     finally:

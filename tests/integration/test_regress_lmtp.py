@@ -8,7 +8,10 @@ does this one, with one tagged listener per scenario so that one daemon serves t
 from __future__ import annotations
 
 import re
+import shutil
 import smtplib
+import sqlite3
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +26,8 @@ from aiosmtpd.smtp import Session as AioSession
 from harness import PigeonDaemon, Workdir, free_port, wait_for
 
 STUB = Path(__file__).parent / "filterbin" / "stub.py"
-SCENARIOS = ("static", "file", "aliases", "junk", "reject")
+SCENARIOS = ("static", "file", "aliases", "db", "sqlite", "junk", "reject")
+MAKEMAP = "/usr/sbin/makemap"  # OpenSMTPD's own (Debian package opensmtpd, a test dependency)
 
 
 @dataclass
@@ -66,6 +70,20 @@ class Site:
         self.work = Workdir()
         (self.work.path / "vusers.txt").write_text("doom@localhost doom\n")
         (self.work.path / "aliases-test.txt").write_text("alias-test\tdoom\n")
+        # args-table-db: a Berkeley DB map built by OpenSMTPD's makemap
+        self.has_makemap = shutil.which(MAKEMAP) is not None
+        vusers_db = self.work.path / "vusers-db"
+        vusers_db.write_text("dbtest@localhost\tdoom\n")
+        if self.has_makemap:
+            subprocess.run([MAKEMAP, str(vusers_db)], check=True, timeout=30)
+        # args-table-sqlite: table-sqlite's configuration file and database
+        database = self.work.path / "vusers.sqlite"
+        with sqlite3.connect(database) as db:
+            db.execute("CREATE TABLE virtual (source TEXT, destination TEXT)")
+            db.execute("INSERT INTO virtual VALUES ('sqltest@localhost', 'doom')")
+        (self.work.path / "sqlite-vusers.conf").write_text(
+            f"dbpath {database}\nquery_alias SELECT destination FROM virtual WHERE source=?;\n"
+        )
         self.ports = {name: free_port() for name in SCENARIOS}
         lmtp = f'lmtp "127.0.0.1:{self.lmtp.port}"'
         stub = f"/usr/bin/python3 {STUB}"
@@ -75,18 +93,26 @@ filter "reject" proc-exec "{stub} mail-from reject"
 table vusers {{ doom@localhost = doom }}
 table vfile file:{self.work.path / "vusers.txt"}
 table aliases file:{self.work.path / "aliases-test.txt"}
+{f"table vdb db:{vusers_db}.db" if self.has_makemap else "table vdb {{ dbtest@localhost = doom }}"}
+table vsql sqlite:{self.work.path / "sqlite-vusers.conf"}
 action "static" {lmtp} virtual <vusers>
 action "file" {lmtp} virtual <vfile>
 action "aliases" {lmtp} alias <aliases>
+action "db" {lmtp} virtual <vdb>
+action "sqlite" {lmtp} virtual <vsql>
 action "plain" {lmtp}
 match from local tag static for local action "static"
 match from local tag file for local action "file"
 match from local tag aliases for local action "aliases"
+match from local tag db for local action "db"
+match from local tag sqlite for local action "sqlite"
 match from local tag marked for local action "static"
 match from local for local action "plain"
 listen on 127.0.0.1 port {self.ports["static"]} tag static
 listen on 127.0.0.1 port {self.ports["file"]} tag file
 listen on 127.0.0.1 port {self.ports["aliases"]} tag aliases
+listen on 127.0.0.1 port {self.ports["db"]} tag db
+listen on 127.0.0.1 port {self.ports["sqlite"]} tag sqlite
 listen on 127.0.0.1 port {self.ports["junk"]} tag marked filter "junk"
 listen on 127.0.0.1 port {self.ports["reject"]} filter "reject"
 """
@@ -134,9 +160,13 @@ DELIVERED = re.compile(
         ("static", "doom@localhost"),  # args-table-static: a virtual user in a { } table
         ("file", "doom@localhost"),  # args-table-file: the same in a file table
         ("aliases", "alias-test@localhost"),  # args-table-aliases: an alias to a user
+        ("db", "dbtest@localhost"),  # args-table-db: OpenSMTPD's makemap wrote the map
+        ("sqlite", "sqltest@localhost"),  # args-table-sqlite: table-sqlite's config file
     ],
 )
 def test_table_scenarios_deliver_to_the_resolved_user(site: Site, scenario: str, rcpt: str) -> None:
+    if scenario == "db" and not site.has_makemap:
+        pytest.skip("OpenSMTPD's makemap is not installed")
     reply = site.send(scenario, rcpt)
     assert re.fullmatch(r"250 2\.0\.0 [0-9a-f]{8} Message accepted for delivery", reply), reply
     wait_for(lambda: site.delivered(scenario) is not None, what=f"the {scenario} delivery")

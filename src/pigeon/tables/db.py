@@ -1,7 +1,10 @@
-"""``db:`` tables: Pigeon's own map file, written by ``pigeon makemap``.
+"""``db:`` tables: Pigeon's own map file, written by ``pigeon makemap``, or a Berkeley DB
+hash written by OpenSMTPD's makemap(8).
 
-OpenSMTPD's ``db:`` files are Berkeley DB hashes, which need a C binding Python no longer
-ships. Pigeon's format is an SQLite 3 database instead, because it is:
+Berkeley DB files are read through the standard library's ``dbm.ndbm`` where it is built
+on Berkeley DB, as Debian's Python is (:class:`BerkeleyMap`); an admin's existing
+``aliases.db`` then works unchanged. Pigeon writes its own format, an SQLite 3 database,
+because it is:
 
 * in the standard library (``sqlite3``) and readable with the ``sqlite3`` shell for debugging;
 * indexed (a lookup is one B-tree probe, not a scan), so multi-million-entry maps stay fast;
@@ -26,6 +29,7 @@ import os
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 
 from pigeon.config.model import Config, TableDecl
 from pigeon.durable import fsync_path
@@ -43,7 +47,13 @@ _SCAN_SERVICES = (Service.DOMAIN, Service.NETADDR, Service.MAILADDR, Service.REG
 
 
 class DbFormatError(TableError):
-    """The file is not a Pigeon map (for instance an OpenSMTPD Berkeley DB file)."""
+    """The file is neither a Pigeon map nor a Berkeley DB hash this Python can read."""
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# A Berkeley DB hash file has its magic number at byte 12, in the writer's byte order.
+BDB_HASH_MAGIC = 0x00061561
+SET_VALUE = "<set>"  # the value makemap -t set gives every key
 
 
 def write_map(
@@ -100,8 +110,8 @@ class MapFile:
             raise TableError(f"{path}: {exc.strerror}") from exc
         except sqlite3.Error as exc:
             raise DbFormatError(
-                f"{path}: not a Pigeon map ({exc}); rebuild it with `pigeon makemap` "
-                "(Berkeley DB files of OpenSMTPD's makemap cannot be read)"
+                f"{path}: not a Pigeon map nor a Berkeley DB hash ({exc}); rebuild it with "
+                "`pigeon makemap`"
             ) from exc
         if version != FORMAT_VERSION or row is None:
             self.db.close()
@@ -133,6 +143,94 @@ class MapFile:
         self.db.close()
 
 
+def _berkeley_dbm() -> ModuleType | None:
+    """``dbm.ndbm`` when it is built on Berkeley DB (so it reads makemap's files)."""
+    try:
+        import dbm.ndbm as ndbm
+    except ImportError:
+        return None
+    return ndbm if "Berkeley" in str(getattr(ndbm, "library", "")) else None
+
+
+def is_berkeley_hash(head: bytes) -> bool:
+    magic = head[12:16]
+    return len(magic) == 4 and BDB_HASH_MAGIC in (
+        int.from_bytes(magic, "little"),
+        int.from_bytes(magic, "big"),
+    )
+
+
+class BerkeleyMap:
+    """A map written by OpenSMTPD's makemap(8): a Berkeley DB hash whose keys (lower-cased
+    by makemap) and values end in a NUL byte. A ``-t set`` map gives every key ``<set>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        ndbm = _berkeley_dbm()
+        if ndbm is None:
+            raise DbFormatError(
+                f"{path}: a Berkeley DB file, and this Python's dbm has no Berkeley DB "
+                "support: rebuild it with `pigeon makemap`"
+            )
+        if not path.endswith(".db"):
+            # ndbm adds ".db" to the name it is given
+            raise DbFormatError(f"{path}: a Berkeley DB map must have a name ending in .db")
+        try:
+            st = os.stat(path)
+            self.identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+            self.db = ndbm.open(path[:-3], "r")
+        except ndbm.error as exc:  # (an OSError too: first)
+            raise DbFormatError(f"{path}: cannot read this Berkeley DB file: {exc}") from exc
+        except OSError as exc:
+            raise TableError(f"{path}: {exc.strerror or exc}") from exc
+        self._keys: list[str] | None = None
+        first = next(iter(self.db.keys()), None)
+        first_value = self.db.get(first) if first is not None else None
+        is_set = first_value is not None and _text(first_value) == SET_VALUE
+        self.kind: str = "list" if is_set else "mapping"
+
+    def changed(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_ino, st.st_mtime_ns, st.st_size) != self.identity
+
+    def get(self, key: str) -> tuple[bool, str | None]:
+        value = self.db.get(key.lower().encode("utf-8", "surrogateescape") + b"\x00")
+        if value is None:
+            return False, None
+        return True, (None if self.kind == "list" else _text(value))
+
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            # (an ndbm object cannot be iterated: keys() is the only way)
+            self._keys = sorted(_text(k) for k in self.db.keys())  # noqa: SIM118
+        return self._keys
+
+    def items(self) -> list[tuple[str, str | None]]:
+        return [(key, self.get(key)[1]) for key in self.keys()]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\x00").decode("utf-8", "surrogateescape")
+
+
+def open_map(path: str) -> MapFile | BerkeleyMap:
+    """The map in ``path``, whichever of the two formats it is in."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise TableError(f"{path}: {exc.strerror}") from exc
+    if not head.startswith(SQLITE_MAGIC) and is_berkeley_hash(head):
+        return BerkeleyMap(path)
+    return MapFile(path)
+
+
 class DbTable(Table):
     """A ``db:`` table. Lookups are single indexed reads of a local file, done inline: a
     thread hop would cost more than the read."""
@@ -141,7 +239,7 @@ class DbTable(Table):
         self.name = name
         self.path = path
         self.subaddr_delim = subaddr_delim
-        self._map = MapFile(path)
+        self._map = open_map(path)
         self._cursor = 0
 
     def services(self) -> frozenset[Service]:
@@ -151,13 +249,13 @@ class DbTable(Table):
     def kind(self) -> str:
         return self._map.kind
 
-    def _current(self) -> MapFile:
+    def _current(self) -> MapFile | BerkeleyMap:
         if self._map.changed():
             self._reopen()
         return self._map
 
     def _reopen(self) -> None:
-        new = MapFile(self.path)
+        new = open_map(self.path)
         old, self._map = self._map, new
         old.close()
 
@@ -176,7 +274,7 @@ class DbTable(Table):
             return None
         try:
             return current.get(key)[1]
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise TableError(f"table {self.name}: {exc}") from exc
 
     async def _check(self, service: Service, key: str) -> bool:
@@ -185,7 +283,7 @@ class DbTable(Table):
             if service not in _SCAN_SERVICES:
                 return current.get(key)[0]
             keys = current.keys()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise TableError(f"table {self.name}: {exc}") from exc
         if service is Service.DOMAIN:
             return any(domain_match(key, entry) for entry in keys)

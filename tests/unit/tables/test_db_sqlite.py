@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,56 @@ def test_db_rejects_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(DbFormatError, match="pigeon makemap"):
         DbTable("a", str(bdb))
     assert pigeon_main(["makemap", str(tmp_path / "missing")]) == 1
+
+
+OPENSMTPD_MAKEMAP = "/usr/sbin/makemap"  # Debian's opensmtpd package (a test dependency)
+needs_makemap = pytest.mark.skipif(
+    shutil.which(OPENSMTPD_MAKEMAP) is None, reason="OpenSMTPD's makemap is not installed"
+)
+
+
+def opensmtpd_makemap(source: Path, text: str, *args: str) -> Path:
+    source.write_text(text)
+    subprocess.run([OPENSMTPD_MAKEMAP, *args, str(source)], check=True, timeout=30)
+    return source.with_name(source.name + ".db")
+
+
+@needs_makemap
+def test_db_reads_the_berkeley_db_files_of_opensmtpds_makemap(tmp_path: Path) -> None:
+    """An admin's existing aliases.db and virtual maps work unchanged."""
+    virtuals = opensmtpd_makemap(
+        tmp_path / "vusers", "dbtest@localhost\tdoom\nMixed@Example.ORG\tSomeOne\n"
+    )
+    table = DbTable("v", str(virtuals))
+    assert table.kind == "mapping"
+    assert run(table.lookup(Service.ALIAS, "dbtest@localhost")) == "doom"
+    assert run(table.lookup(Service.ALIAS, "mixed@example.org")) == "SomeOne"  # keys lower-cased
+    assert run(table.lookup(Service.ALIAS, "nobody@localhost")) is None
+    assert run(table.check(Service.MAILADDR, "dbtest@localhost"))
+
+    aliases = opensmtpd_makemap(tmp_path / "aliases", "root: alice, bob\n", "-t", "aliases")
+    assert run(DbTable("a", str(aliases)).lookup(Service.ALIAS, "root")) == "alice, bob"
+
+    domains = opensmtpd_makemap(tmp_path / "domains", "example.org\n*.example.net\n", "-t", "set")
+    listed = DbTable("d", str(domains))
+    assert listed.kind == "list"
+    assert run(listed.check(Service.DOMAIN, "mx.example.net"))
+    assert not run(listed.check(Service.DOMAIN, "example.com"))
+    assert run(listed.lookup(Service.ALIAS, "example.org")) is None  # a list has no values
+    assert pigeon_main(["makemap", "-U", str(aliases)]) == 0
+
+
+@needs_makemap
+def test_a_rebuilt_berkeley_db_map_is_picked_up(tmp_path: Path) -> None:
+    path = opensmtpd_makemap(tmp_path / "vusers", "a@x.test\tone\n")
+    table = DbTable("v", str(path))
+    assert run(table.lookup(Service.ALIAS, "a@x.test")) == "one"
+    opensmtpd_makemap(tmp_path / "vusers", "a@x.test\ttwo\n")
+    assert run(table.lookup(Service.ALIAS, "a@x.test")) == "two"
+
+
+def test_a_damaged_berkeley_db_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    bad = tmp_path / "aliases.db"
+    bad.write_bytes(bytes(12) + (0x00061561).to_bytes(4, "little") + os.urandom(500))
+    with pytest.raises(DbFormatError, match=r"aliases\.db"):
+        DbTable("a", str(bad))
