@@ -26,6 +26,7 @@ from pigeon.delivery.relay_service import InProcessRelay, RelayService, WorkerRe
 from pigeon.delivery.routes import RelayRoute, parse_credentials, parse_relay_url, route_for
 from pigeon.errors import SMTPError
 from pigeon.filters.runtime import FilterManager, table_getter
+from pigeon.mailname import mailname
 from pigeon.queue import bounce
 from pigeon.queue.envelope import (
     FLAG_BOUNCE,
@@ -131,7 +132,7 @@ class Daemon:
     def __init__(self, config: Config, options: DaemonOptions) -> None:
         self.config = config
         self.options = options
-        self.hostname = socket.getfqdn() or socket.gethostname()
+        self.hostname = mailname()
         self.store = JournalStore(options.spool)
         self.tables = open_tables(config)
         self.ruleset = Ruleset(config, self.tables, local_names=self._local_names())

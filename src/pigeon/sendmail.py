@@ -19,7 +19,6 @@ import json
 import os
 import pwd
 import secrets
-import socket
 import sys
 from dataclasses import dataclass, field
 from email.utils import formataddr, formatdate, getaddresses
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pigeon.control.client import exchange
+from pigeon.mailname import mailname
 from pigeon.queue import offline
 
 EX_OK = 0
@@ -233,7 +233,7 @@ def sendmail_main(argv: list[str], stdin: BinaryIO | None = None) -> int:
         return cli_main(["show", "queue", "--spool", str(opts.spool or default_spool())])
     if opts.mode == "i":  # -bi = newaliases: tables are read by the daemon itself
         return EX_OK
-    hostname = socket.getfqdn() or socket.gethostname()
+    hostname = mailname()
     sender = opts.sender if opts.sender is not None else default_sender(hostname)
     data = (stdin or sys.stdin.buffer).read()
     message, recipients = prepare(data, opts, sender or default_sender(hostname), hostname)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from pigeon.config.model import Config, Criterion, Match
+from pigeon.mailname import mailname
 from pigeon.server.localaddr import local_addresses
 from pigeon.tables.base import Service, Table, TableResolver
 from pigeon.tables.static import domain_match, split_mailaddr
@@ -40,6 +41,7 @@ class MatchContext:
 @cache
 def default_local_names() -> frozenset[str]:
     names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    names.add(mailname().lower())
     names |= {f"[{a}]" for a in local_addresses()}
     return frozenset(names)
 
