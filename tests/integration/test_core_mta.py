@@ -295,6 +295,33 @@ def test_log_lines_in_opensmtpd_format(site: Site) -> None:
     assert " mda delivery evpid=" in log and "result=Ok stat=Delivered" in log
 
 
+def test_disconnected_lines_say_how_the_session_ended(site: Site) -> None:
+    """As smtpd: ``quit`` after QUIT, ``disconnect`` when the client just goes away; one
+    line per session. (An unknown command with a marker names each session in the log.)"""
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+        sock.recv(1000)
+        sock.sendall(b"XGONE went-away\r\n")
+        sock.recv(1000)
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+        sock.recv(1000)
+        sock.sendall(b"XQUIT said-quit\r\nQUIT\r\n")
+        while sock.recv(1000):  # until the server closes (bounded by the timeout)
+            pass
+
+    def session(marker: str) -> str:
+        wait_for(lambda: marker in site.daemon.log(), what=marker)
+        return next(ln for ln in site.daemon.log().splitlines() if marker in ln).split()[0]
+
+    def ended(sid: str) -> list[str]:
+        prefix = f"{sid} smtp disconnected "
+        return [ln[len(prefix) :] for ln in site.daemon.log().splitlines() if ln.startswith(prefix)]
+
+    gone, quit_ = session("XGONE went-away"), session("XQUIT said-quit")
+    wait_for(lambda: ended(gone) and ended(quit_), what="both disconnected lines")
+    assert ended(gone) == ["reason=disconnect"]
+    assert ended(quit_) == ["reason=quit"]
+
+
 def test_messages_queued_while_paused_survive_restart(workdir: Workdir) -> None:
     mail = workdir.mailroot()
     uid, gid = mail_uid_gid()

@@ -120,6 +120,10 @@ class SMTPSession(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         self.closed = False
+        # The disconnected line's reason, as smtpd's: quit (the session ended in the
+        # protocol, QUIT or a closing 421), disconnect (the client went away), timeout,
+        # io-error, tls-error.
+        self.end_reason: str | None = None
         self.messages = 0
         self.filters: SessionFilters | None = None  # set when the listener has a filter chain
 
@@ -146,10 +150,12 @@ class SMTPSession(asyncio.Protocol):
         log.info("%s smtp connected address=%s host=%s", self.id, host, self.rdns)
         if self.services.smtp_paused:
             transport.write(Reply(421, "Service temporarily unavailable", "4.3.0").to_bytes())
+            self.end_reason = "quit"
             transport.close()
             return
         if len(self.services.sessions) > self.services.max_sessions:
             transport.write(Reply(421, "Too many connections", "4.7.0").to_bytes())
+            self.end_reason = "quit"
             transport.close()
             return
         self.conn = proto.ServerConnection(
@@ -191,7 +197,8 @@ class SMTPSession(asyncio.Protocol):
         self._abort_transaction()
         if self.filters is not None:
             self.filters.close()
-        log.info("%s smtp disconnected reason=%s", self.id, "quit" if exc is None else "io-error")
+        reason = self.end_reason or ("disconnect" if exc is None else "io-error")
+        log.info("%s smtp disconnected reason=%s", self.id, reason)
 
     def timeout(self) -> None:
         """Called by the daemon's sweeper when the session sat idle too long."""
@@ -199,8 +206,8 @@ class SMTPSession(asyncio.Protocol):
             self.filters.timeout()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(Reply(421, "Session timed out", "4.4.2").to_bytes())
+            self.end_reason = "timeout"
             self.transport.close()
-            log.info("%s smtp disconnected reason=timeout", self.id)
 
     # ------------------------------------------------------------------ event loop
 
@@ -213,6 +220,7 @@ class SMTPSession(asyncio.Protocol):
             if self.filters is not None:
                 self.filters.server_output(out)
         if self.conn.closed and not self.transport.is_closing():
+            self.end_reason = self.end_reason or "quit"
             self.transport.close()
 
     def _process(self) -> None:
@@ -280,6 +288,7 @@ class SMTPSession(asyncio.Protocol):
         elif isinstance(event, proto.CommandRejected):
             self._log_failed(event.line, event.reply)
         elif isinstance(event, proto.ConnectionLost):
+            self.end_reason = self.end_reason or "disconnect"
             self._abort_transaction()
             if self.transport is not None:
                 self.transport.close()
@@ -481,6 +490,7 @@ class SMTPSession(asyncio.Protocol):
             self.services.store.release_msgid(txn.msgid)
             conn.reject(Reply(421, "Temporary failure", "4.3.0"))
             if self.transport is not None:
+                self.end_reason = "quit"
                 self._flush()
                 self.transport.close()
             return
@@ -521,7 +531,7 @@ class SMTPSession(asyncio.Protocol):
         try:
             new_transport = await loop.start_tls(self.transport, self, context, server_side=True)
         except (OSError, ssl.SSLError) as exc:
-            log.info("%s smtp disconnected reason=tls-error (%s)", self.id, exc)
+            self.end_reason = f"tls-error ({exc})"
             self.transport.close()
             return
         if new_transport is None:
