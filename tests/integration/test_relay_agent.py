@@ -698,7 +698,9 @@ def test_concurrent_deliveries_respect_max_conn_per_host(dns: DNSTestServer) -> 
 # Smarthost URLs, TLS and AUTH
 
 
-def test_opportunistic_starttls_is_used_when_offered(dns: DNSTestServer, ca: trustme.CA) -> None:
+def test_opportunistic_starttls_is_used_when_offered(
+    dns: DNSTestServer, ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
     async def scenario() -> None:
         # The certificate names someone else: opportunistic TLS does not check it.
         async with Sink(tls=server_context(ca, "other.test")) as sink:
@@ -715,7 +717,14 @@ def test_opportunistic_starttls_is_used_when_offered(dns: DNSTestServer, ca: tru
                 "EHLO relay.test",
             ]
 
-    run(scenario())
+    with caplog.at_level(logging.INFO, logger="pigeon"):
+        run(scenario())
+    lines = [r.getMessage() for r in caplog.records]
+    connected = next(ln for ln in lines if " mta connected " in ln)
+    assert " tls=yes " in connected
+    sid = connected.split()[0]
+    # as smtpd's mta: the session's id, then TLS version, cipher and bits
+    assert any(re.fullmatch(rf"{sid} mta tls ciphers=TLSv1\.[23]:\S+:\d+", ln) for ln in lines)
 
 
 def test_failed_opportunistic_tls_falls_back_to_plain(dns: DNSTestServer, ca: trustme.CA) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import re
 import shutil
 import smtplib
 import socket
@@ -210,6 +211,10 @@ def test_starttls_with_smtplib_delivers_with_tls_in_received(site: Site) -> None
         client.sendmail(f"x@{DOMAIN}", [f"alice@{DOMAIN}"], message("starttls-smtplib"))
     head = received(delivered(site, "alice", "starttls-smtplib"))
     assert "with ESMTPS id" in head
+    # smtpd's line after the handshake: version, cipher, bits
+    assert re.search(
+        r"^[0-9a-f]{16} smtp tls ciphers=TLSv1\.[23]:\S+:\d+$", site.daemon.log(), re.M
+    )
     assert "TLSv1." in head and ":NO)" in head
     # received-auth on this listener: an unauthenticated session says so
     assert "auth=no" in head

@@ -70,6 +70,7 @@ from pigeon.protocol.client import (
 from pigeon.protocol.replies import Reply
 from pigeon.queue.envelope import DSN_DELAY, DSN_FAILURE, DSN_NEVER, DSN_SUCCESS, Envelope
 from pigeon.scheduler.scheduler import Outcome
+from pigeon.server.tls import ciphers_text
 
 __all__ = [
     "ClientSession",
@@ -329,6 +330,11 @@ class ClientSession(asyncio.Protocol):
     @property
     def extensions(self) -> Extensions:
         return self._conn.extensions
+
+    @property
+    def tls_ciphers(self) -> str | None:
+        """``VERSION:CIPHER:BITS`` once TLS is on (the ``mta tls ciphers=`` log field)."""
+        return ciphers_text(self._transport)
 
     @property
     def source(self) -> str:
@@ -1396,6 +1402,9 @@ class RelayAgent:
             "yes" if ready.tls else "no",
             "yes" if ready.esmtp else "no",
         )
+        ciphers = session.tls_ciphers if ready.tls else None
+        if ciphers is not None:
+            log.info("%s mta tls ciphers=%s", sid, ciphers)
         return session
 
     async def _open_socket(

@@ -37,6 +37,7 @@ from pigeon.rules.ruleset import MatchContext
 from pigeon.server.auth import SENDER_REJECTED, SENDER_TEMPFAIL, masquerade_from, sender_allowed
 from pigeon.server.localaddr import is_local
 from pigeon.server.received import ReceivedInfo, received_header
+from pigeon.server.tls import ciphers_text
 from pigeon.srs import SRS_REJECT_REPLY, SRSError
 from pigeon.tables.base import TableError
 
@@ -165,6 +166,7 @@ class SMTPSession(asyncio.Protocol):
         )
         if self.listener.smtps:
             self.tls_info = self._tls_description()
+            self._log_tls()
         if self.listener.filter_chain is not None:
             # The connect phase decides the banner: greet from a task (reading paused).
             self.filters = SessionFilters(self, self.listener.filter_chain)
@@ -539,7 +541,13 @@ class SMTPSession(asyncio.Protocol):
             return
         self.transport = new_transport
         self.tls_info = self._tls_description()
+        self._log_tls()
         conn.tls_started()
+
+    def _log_tls(self) -> None:
+        ciphers = ciphers_text(self.transport)
+        if ciphers is not None:
+            log.info("%s smtp tls ciphers=%s", self.id, ciphers)
 
     def _tls_description(self) -> str | None:
         if self.transport is None:

@@ -22,6 +22,7 @@ OpenSMTPD (libtls) semantics kept here:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 from collections.abc import Sequence
@@ -277,3 +278,14 @@ def client_context(
     if cert is not None:
         _load_keypair(context, cert)
     return context
+
+
+def ciphers_text(transport: asyncio.BaseTransport | None) -> str | None:
+    """``VERSION:CIPHER:BITS`` of a TLS transport (smtpd's ``tls ciphers=`` log field),
+    None when the transport is not TLS."""
+    obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    cipher = obj.cipher() if obj is not None else None
+    if cipher is None:
+        return None
+    name, version, bits = cipher
+    return f"{version}:{name}:{bits}"
