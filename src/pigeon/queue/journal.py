@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,8 +251,9 @@ class JournalStore:
 
     # ----------------------------------------------------------------- writes
 
-    def _append(self, data: bytes) -> int:
-        """Queue a record for the file; return its offset in the current segment.
+    def _append(self, data: bytes | Sequence[bytes]) -> int:
+        """Queue a record (bytes, or its parts in order) for the file; return its offset in
+        the current segment.
 
         Records appended during one event-loop iteration are written together by one
         ``os.write`` (scheduled with ``call_soon``, so before the loop waits for I/O again),
@@ -261,11 +262,13 @@ class JournalStore:
         """
         if self.readonly:
             raise QueueError("queue opened read-only")
-        if self._size + len(data) > SEGMENT_SIZE and self._size > 0:
+        parts = [data] if isinstance(data, bytes) else data
+        length = sum(map(len, parts))
+        if self._size + length > SEGMENT_SIZE and self._size > 0:
             self._rotate()
         start = self._size
-        self._buffer.append(data)
-        self._size = start + len(data)
+        self._buffer.extend(parts)
+        self._size = start + length
         self._appended += 1
         self.stats["records"] += 1
         if self._flush_handle is None:
@@ -288,14 +291,10 @@ class JournalStore:
         the QueueError is raised."""
         if not self._buffer:
             return
-        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
+        parts, self._buffer = self._buffer, []
         start = self._flushed_size
-        view = memoryview(data)
         try:
-            written = 0
-            while written < len(view):
-                written += os.write(self._fd, view[written:])
+            total = _write_all(self._fd, parts)
         except OSError as exc:
             # Leave no half record behind, so later appends stay readable.
             with contextlib.suppress(OSError):
@@ -306,7 +305,7 @@ class JournalStore:
             self._fail_waiters(lambda want: want > self._written, err)
             log.error("queue: write failed: %s", exc)
             raise err from exc
-        self._flushed_size = start + len(data)
+        self._flushed_size = start + total
         self._written = self._appended
 
     def _fail_waiters(self, affected: Callable[[int], bool], err: QueueError) -> None:
@@ -334,13 +333,19 @@ class JournalStore:
         self._segments.setdefault(self._current, set())
         fsync_path(self.directory)
 
-    async def commit(self, msgid: int, body: bytes, envelopes: list[Envelope]) -> None:
-        """Store a new message with its envelopes; return once it is on disk (fsync'd)."""
+    async def commit(
+        self, msgid: int, body: bytes | Sequence[bytes], envelopes: list[Envelope]
+    ) -> None:
+        """Store a new message with its envelopes; return once it is on disk (fsync'd).
+        ``body`` may come in parts (a Received header, then what the client sent): they
+        are written one after the other, never joined in memory."""
         meta = {"msgid": msgid, "envelopes": [e.to_dict() for e in envelopes]}
-        data = records.encode_message(meta, body)
-        start = self._append(data)
-        body_start = start + len(data) - len(body)
-        msg = StoredMessage(msgid, self._current, body_start, len(body))
+        body_parts = [body] if isinstance(body, bytes) else list(body)
+        body_len = sum(map(len, body_parts))
+        parts = records.encode_message_parts(meta, body_parts)
+        start = self._append(parts)
+        body_start = start + sum(map(len, parts)) - body_len
+        msg = StoredMessage(msgid, self._current, body_start, body_len)
         for e in envelopes:
             msg.envelopes[e.evpid] = e
         # Until it is indexed, the message keeps its segment alive: a rotation plus a
@@ -520,3 +525,26 @@ class JournalStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _write_all(fd: int, parts: list[bytes]) -> int:
+    """Write ``parts`` in order with as few ``writev`` calls as the OS allows (IOV_MAX
+    buffers each, partial writes resumed); returns the byte count."""
+    total = 0
+    views = [memoryview(p) for p in parts if p]
+    i = 0
+    while i < len(views):
+        batch = views[i : i + _IOV_MAX]
+        written = os.writev(fd, batch)
+        total += written
+        for view in batch:  # skip what went out, cut the first buffer only partly sent
+            if written >= len(view):
+                written -= len(view)
+                i += 1
+            else:
+                views[i] = view[written:]
+                break
+    return total
+
+
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV: buffers per writev

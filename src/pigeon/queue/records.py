@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +56,20 @@ def encode(kind: int, payload: bytes) -> bytes:
 
 def encode_message(meta: dict[str, Any], body: bytes) -> bytes:
     """A MESSAGE record; the body sits at a fixed offset from the record start."""
+    return b"".join(encode_message_parts(meta, [body]))
+
+
+def encode_message_parts(meta: dict[str, Any], body: Sequence[bytes]) -> list[bytes]:
+    """The MESSAGE record of a body given in parts, as parts: the body is not copied (a
+    message may be tens of megabytes; the journal writes the parts with one writev)."""
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-    return encode(MESSAGE, _META_LEN.pack(len(meta_bytes)) + meta_bytes + body)
+    head = _META_LEN.pack(len(meta_bytes)) + meta_bytes
+    crc = zlib.crc32(head, zlib.crc32(bytes([MESSAGE])))
+    length = len(head)
+    for part in body:
+        crc = zlib.crc32(part, crc)
+        length += len(part)
+    return [HEADER.pack(MAGIC, MESSAGE, length, crc), head, *body]
 
 
 def body_offset_in_record(payload: bytes) -> int:

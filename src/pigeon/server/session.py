@@ -15,6 +15,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -65,24 +66,41 @@ def new_session_id() -> str:
     return secrets.token_hex(8)
 
 
+def _header_lines(body: bytes) -> Iterator[bytes]:
+    """The lines of the header section, up to the first empty line (the body, which may
+    be megabytes, is not split)."""
+    start = 0
+    while start < len(body):
+        end = body.find(b"\r\n", start)
+        if end < 0:
+            end = len(body)
+        if end == start:
+            return
+        yield body[start:end]
+        start = end + 2
+
+
 def _count_received(body: bytes) -> int:
-    count = 0
-    for line in body.split(b"\r\n"):
-        if not line:
-            break
-        if line[:9].lower() == b"received:":
-            count += 1
-    return count
+    return sum(1 for line in _header_lines(body) if line[:9].lower() == b"received:")
 
 
 def _has_header(body: bytes, name: bytes) -> bool:
     prefix = name.lower() + b":"
-    for line in body.split(b"\r\n"):
-        if not line:
-            return False
-        if line[: len(prefix)].lower() == prefix:
-            return True
-    return False
+    return any(line[: len(prefix)].lower() == prefix for line in _header_lines(body))
+
+
+def _header_first(chunks: list[bytes]) -> list[bytes]:
+    """The message's chunks with the first one holding the whole header section (the
+    chunks up to the one where it ends, joined): what looks at headers gets one bytes
+    object, and the body is not copied."""
+    tail = b""
+    for i, chunk in enumerate(chunks):
+        window = tail + chunk[:3]
+        at_start = i == 0 and chunk.startswith(b"\r\n")  # no header at all
+        if at_start or b"\r\n\r\n" in window or b"\r\n\r\n" in chunk:
+            return [b"".join(chunks[: i + 1]), *chunks[i + 1 :]] if i else list(chunks)
+        tail = (tail + chunk)[-3:]
+    return [b"".join(chunks)]
 
 
 def _masquerade(body: bytes, sender: str) -> bytes:
@@ -434,8 +452,10 @@ class SMTPSession(asyncio.Protocol):
         txn.rcpts.append(event.address)
         conn.accept(Reply(250, "Destination address valid: Recipient ok", "2.1.5"))
 
-    def _build_message(self, txn: Transaction) -> bytes:
-        body = b"".join(txn.chunks)
+    def _build_message(self, txn: Transaction, parts: list[bytes]) -> list[bytes]:
+        """The message as stored, in parts: our header lines, then what the client sent
+        (``parts``: the header section first, see _header_first), never joined."""
+        first = parts[0]
         info = ReceivedInfo(
             helo=self.helo or self.peer_ip,
             rdns=self.rdns,
@@ -451,17 +471,17 @@ class SMTPSession(asyncio.Protocol):
             single_rcpt=txn.rcpts[0] if len(txn.rcpts) == 1 else None,
         )
         if self.listener.masquerade and self.auth_user is not None:
-            body = _masquerade(body, txn.sender)
+            first = _masquerade(first, txn.sender)
         head = received_header(info)
         if self.local or self.auth_user is not None or self.listener.socket:
             # Submission from our own host or a user: complete what a bare client left out.
-            if not _has_header(body, b"date"):
+            if not _has_header(first, b"date"):
                 from email.utils import formatdate
 
                 head += f"Date: {formatdate(localtime=True)}\r\n".encode()
-            if not _has_header(body, b"message-id"):
+            if not _has_header(first, b"message-id"):
                 head += f"Message-ID: <{self.id}@{self.listener.hostname}>\r\n".encode()
-        return head + body
+        return [head, first, *parts[1:]]
 
     async def _message_end(self) -> None:
         conn = self.conn
@@ -470,21 +490,23 @@ class SMTPSession(asyncio.Protocol):
         if txn is None or not txn.envelopes:
             conn.reject(Reply(503, "Invalid command: No recipients", "5.5.1"))
             return
-        body = b"".join(txn.chunks)
-        txn.chunks = [body]
-        if _count_received(body) >= MAX_HOPS:
+        parts = _header_first(txn.chunks) if txn.chunks else [b""]
+        txn.chunks = []  # the parts hold the message now
+        if _count_received(parts[0]) >= MAX_HOPS:
             reply = Reply(500, "Routing loop detected: Loop detected", "5.4.6")
             conn.reject(reply)
             self._log_failed("DATA", reply)
             self._abort_transaction()
             return
-        message = self._build_message(txn)
+        message = self._build_message(txn, parts)
+        del parts
         if self.filters is not None:
-            filtered = await self.filters.message(txn, message)
+            filtered = await self.filters.message(txn, b"".join(message))
             if filtered is None:
                 return  # a filter refused it and answered the client
-            message = filtered
+            message = [filtered]
         self.txn = None
+        size = sum(map(len, message))
         try:
             await self.services.store.commit(txn.msgid, message, txn.envelopes)
         except QueueError as exc:
@@ -503,7 +525,7 @@ class SMTPSession(asyncio.Protocol):
             "%s smtp message msgid=%s size=%d nrcpt=%d proto=%s",
             self.id,
             mid,
-            len(message),
+            size,
             len(txn.rcpts),
             proto_name,
         )
