@@ -7,11 +7,14 @@ does this one, with one tagged listener per scenario so that one daemon serves t
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import smtplib
+import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -198,6 +201,47 @@ def test_reject_filter_refuses_the_sender_and_the_session_ends(site: Site) -> No
 
 
 def test_the_log_ends_with_exiting_as_smtpds(site: Site) -> None:
-    """(Last in the module: it stops the daemon.) The suite waits for this line."""
+    """(The last test using the site: it stops the daemon.) The suite waits for this line."""
     site.daemon.stop()
     assert site.daemon.log().rstrip("\n").endswith("\nExiting")
+
+
+def test_started_with_smtpds_command_line(tmp_path: Path) -> None:
+    """As OpenSMTPD's regression harness starts smtpd: ``smtpd -dv -f smtpd.conf``, here
+    ``pigeon-smtpd`` (the spool from $PIGEON_SPOOL); up when it logs ``starting``, down
+    when it logs ``Exiting``."""
+    port = free_port()
+    conf = tmp_path / "smtpd.conf"
+    conf.write_text(
+        'action "local" mbox\n'
+        'match from local for local action "local"\n'
+        f"listen on 127.0.0.1 port {port}\n"
+    )
+    smtpd = Path(sys.executable).with_name("pigeon-smtpd")
+    log = tmp_path / "smtpd.log"
+    env = {**os.environ, "PIGEON_SPOOL": str(tmp_path / "spool")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(smtpd), "-dv", "-P", "mda", "-f", str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_for(lambda: "starting" in log.read_text(), what="the starting line")
+        wait_for(lambda: _listening(port), what="the listener")
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("a@example.org", ["root@localhost"], b"Subject: x\r\n\r\ny\r\n")
+        assert " smtp message msgid=" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert log.read_text().rstrip("\n").endswith("Exiting")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
