@@ -9,8 +9,9 @@ import email.policy
 import smtplib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import ClassVar
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -18,20 +19,20 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+from sinks import RecordingHandler
 
 HOST = "mx.dsn.test"
 EXPIRY = 6
 
 
 @dataclass
-class SinkHandler:
+class SinkHandler(RecordingHandler):
     """451 for recipients starting "soft", 550 for "reject", 550 at MAIL for "refused";
     "slow" messages take 0.3 s in DATA (to see concurrent sessions)."""
 
-    subjects: list[str] = field(default_factory=list)
     active: int = 0
     most_active: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    data_reply: ClassVar[str] = "250 2.0.0 Ok queued"
 
     async def handle_MAIL(
         self,
@@ -46,33 +47,28 @@ class SinkHandler:
         envelope.mail_from = address
         return "250 2.0.0 Ok"
 
-    async def handle_RCPT(
-        self,
-        server: AioSMTP,
-        session: AioSession,
-        envelope: AioEnvelope,
-        address: str,
-        opts: list[str],
-    ) -> str:
+    def refuse_rcpt(self, address: str) -> str | None:
         if address.startswith("soft"):
             return "451 4.3.0 Try again later"
         if address.startswith("reject"):
             return "550 5.1.1 No such user here"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
+        return None
 
     async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
-        data = bytes(envelope.original_content or b"")
-        slow = b"Subject: slow" in data
         with self.lock:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
-        if slow:
+        if b"Subject: slow" in bytes(envelope.original_content or b""):
             await asyncio.sleep(0.3)
         with self.lock:
             self.active -= 1
-            self.subjects.append(data.split(b"Subject: ", 1)[-1].split(b"\r\n", 1)[0].decode())
-        return "250 2.0.0 Ok queued"
+        return await super().handle_DATA(server, session, envelope)
+
+    @property
+    def subjects(self) -> list[str]:
+        return [
+            m.data.split(b"Subject: ", 1)[-1].split(b"\r\n", 1)[0].decode() for m in self.received()
+        ]
 
 
 class Site:

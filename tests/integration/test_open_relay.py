@@ -10,17 +10,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as AioSMTP
-from aiosmtpd.smtp import Envelope as AioEnvelope
-from aiosmtpd.smtp import Session as AioSession
 from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+from sinks import RecordingHandler
 
 OUTSIDE = "127.0.0.2"
 DOMAIN = "relay.test"
@@ -82,35 +78,12 @@ LOCAL_DOMAIN_TRICKS = [
 ]
 
 
-@dataclass
-class Sink:
-    """Takes every message: whatever arrives here was relayed."""
-
-    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
-        with self.lock:
-            self.messages.append(
-                (
-                    str(envelope.mail_from),
-                    list(envelope.rcpt_tos),
-                    bytes(envelope.original_content or b""),
-                )
-            )
-        return "250 2.0.0 Ok"
-
-    def seen(self) -> list[tuple[str, list[str], bytes]]:
-        with self.lock:
-            return list(self.messages)
-
-
 class Site:
     """The OpenBSD default config (local delivery, relay for local senders), an MX domain,
     and a second listener where authenticated users may relay (smtpd.conf(5) example 2)."""
 
     def __init__(self) -> None:
-        self.sink = Sink()
+        self.sink = RecordingHandler()
         self.sink_port = free_port()
         self.sink_ctl = Controller(self.sink, hostname="127.0.0.1", port=self.sink_port)
         self.sink_ctl.start()
@@ -300,7 +273,7 @@ def test_authenticated_user_may_relay(site: Site) -> None:
     finally:
         client.close()
     wait_for(
-        lambda: any(b"authenticated relay" in m[2] for m in site.sink.seen()),
+        lambda: any(b"authenticated relay" in m.data for m in site.sink.received()),
         what="the relayed message on the sink",
     )
 
@@ -327,7 +300,7 @@ def test_local_client_tricks_to_local_names_are_not_relayed(site: Site) -> None:
     assert results.pop("alice+victim%evil.example@localhost") == 250
     assert all(500 <= code < 600 for code in results.values()), results
     site.daemon.wait_queue_empty()
-    relayed = [m for m in site.sink.seen() if b"trick " in m[2]]
+    relayed = [m for m in site.sink.received() if b"trick " in m.data]
     assert not relayed, relayed
     assert any(
         b"trick alice+victim%evil.example@localhost" in m
@@ -337,6 +310,6 @@ def test_local_client_tricks_to_local_names_are_not_relayed(site: Site) -> None:
 
 def test_nothing_from_the_tricks_reached_the_relay(site: Site) -> None:
     site.daemon.wait_queue_empty()
-    leaked = [(s, r) for s, r, data in site.sink.seen() if b"trick " in data]
+    leaked = [(m.sender, m.rcpts) for m in site.sink.received() if b"trick " in m.data]
     assert not leaked, leaked
-    assert all("evil.example" not in " ".join(r) for _, r, _ in site.sink.seen())
+    assert all("evil.example" not in " ".join(m.rcpts) for m in site.sink.received())

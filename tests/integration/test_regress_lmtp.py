@@ -15,49 +15,18 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP as AioSMTP
-from aiosmtpd.smtp import Envelope as AioEnvelope
-from aiosmtpd.smtp import Session as AioSession
 from harness import PigeonDaemon, Workdir, free_port, wait_for
+from sinks import RecordingHandler
 
 STUB = Path(__file__).parent / "filterbin" / "stub.py"
 SCENARIOS = ("static", "file", "aliases", "db", "sqlite", "junk", "reject")
 MAKEMAP = "/usr/sbin/makemap"  # OpenSMTPD's own (Debian package opensmtpd, a test dependency)
-
-
-@dataclass
-class LmtpSink:
-    """Records each RCPT address and each message it is given."""
-
-    rcpts: list[str] = field(default_factory=list)
-    messages: list[bytes] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_RCPT(
-        self,
-        server: AioSMTP,
-        session: AioSession,
-        envelope: AioEnvelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        with self.lock:
-            self.rcpts.append(address)
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
-        with self.lock:
-            self.messages.append(bytes(envelope.original_content or b""))
-        return "250 2.0.0 Ok"
 
 
 class LmtpController(Controller):
@@ -67,7 +36,7 @@ class LmtpController(Controller):
 
 class Site:
     def __init__(self) -> None:
-        self.sink = LmtpSink()
+        self.sink = RecordingHandler()
         self.lmtp = LmtpController(self.sink, hostname="127.0.0.1", port=free_port())
         self.lmtp.start()
         self.work = Workdir()
@@ -131,10 +100,7 @@ listen on 127.0.0.1 port {self.ports["reject"]} filter "reject"
             return f"{code} {text.decode()}"
 
     def delivered(self, scenario: str) -> bytes | None:
-        with self.sink.lock:
-            return next(
-                (m for m in self.sink.messages if f"Subject: {scenario}".encode() in m), None
-            )
+        return next((m.data for m in self.sink.with_subject(scenario)), None)
 
 
 @pytest.fixture(scope="module")

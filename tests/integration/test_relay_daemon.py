@@ -8,9 +8,9 @@ import asyncio
 import email
 import email.policy
 import smtplib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -19,55 +19,32 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 from aiosmtpd.smtp import Session as AioSession
 from dnsserver import DNSTestServer
 from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+from sinks import Received, RecordingHandler
 
 SRS_KEY = "a secret of the forwarder"
 SLOW_REPLY = 1.5  # seconds the sink waits before its final reply to a "slow" recipient
 
 
 @dataclass
-class Received:
-    sender: str
-    rcpts: list[str]
-    data: bytes
-
-
-@dataclass
-class SinkHandler:
+class SinkHandler(RecordingHandler):
     """Accepts everything except recipients starting with ``reject`` (refused) or ``later``
     (temporarily refused); for ``slow`` ones it takes its time before its final reply."""
 
-    messages: list[Received] = field(default_factory=list)
     slow_started: list[bytes] = field(default_factory=list)  # bodies it is taking slowly
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    data_reply: ClassVar[str] = "250 2.0.0 Ok queued"
 
-    async def handle_RCPT(
-        self,
-        server: AioSMTP,
-        session: AioSession,
-        envelope: AioEnvelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
+    def refuse_rcpt(self, address: str) -> str | None:
         if address.startswith("reject"):
             return "550 5.1.1 No such user here"
         if address.startswith("later"):
             return "451 4.3.0 Try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
+        return None
 
     async def handle_DATA(self, server: AioSMTP, session: AioSession, envelope: AioEnvelope) -> str:
         if any(str(rcpt).startswith("slow") for rcpt in envelope.rcpt_tos):
             self.slow_started.append(bytes(envelope.original_content or b""))
             await asyncio.sleep(SLOW_REPLY)
-        with self.lock:
-            self.messages.append(
-                Received(
-                    str(envelope.mail_from),
-                    list(envelope.rcpt_tos),
-                    bytes(envelope.original_content or b""),
-                )
-            )
-        return "250 2.0.0 Ok queued"
+        return await super().handle_DATA(server, session, envelope)
 
 
 class Site:
@@ -112,8 +89,7 @@ match from local for domain "plain.test" action "plain"
         )
 
     def received(self) -> list[Received]:
-        with self.handler.lock:
-            return list(self.handler.messages)
+        return self.handler.received()
 
 
 @pytest.fixture(scope="module", params=["in-process", "worker"])
