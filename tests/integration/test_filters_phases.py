@@ -132,6 +132,19 @@ def test_auth_phase_gets_the_arguments_as_sent(site: Site) -> None:
     assert f"auth|PLAIN {blob}" in site.lines()
 
 
+def test_auth_phase_is_asked_at_the_command_before_credentials(site: Site) -> None:
+    """As smtpd: a filter refusing AUTH LOGIN answers the AUTH line itself; no 334
+    challenge, so the client never sends a credential."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", site.smtps, timeout=15, context=context) as client:
+        client.ehlo("client.example.net")
+        assert client.docmd("AUTH", "LOGIN") == (535, b"5.7.8 LOGIN refused by filter")
+        assert client.rset()[0] == 250  # the session goes on
+    assert "auth|LOGIN" in site.lines()
+
+
 def test_local_socket_sessions_are_filtered(site: Site) -> None:
     refused = site.sendmail("refused@example.net", "socket-refused")
     assert refused.returncode != 0

@@ -179,12 +179,7 @@ class SessionFilters:
         elif isinstance(event, proto.FilteredCommand):
             await self._command(event)
         elif isinstance(event, proto.AuthCredentials):
-            self.fs.report(filterproto.ProtocolClient(f"AUTH {event.mechanism} ********"))
-            # As smtpd: the AUTH arguments as sent, credentials included (not masked).
-            verdict = await self.fs.phase("auth", event.arguments or event.mechanism)
-            if verdict.stops:
-                self._answer(verdict, FILTER_TEMPFAIL)
-                return
+            # (the auth phase was asked at the AUTH command: _command)
             await session._dispatch_async(event)
             result = "pass" if session.auth_user is not None else "fail"
             self.fs.report(filterproto.LinkAuth(event.username, result))
@@ -198,9 +193,17 @@ class SessionFilters:
             await session._dispatch_async(event)
 
     async def _command(self, event: proto.FilteredCommand) -> None:
-        """RSET, QUIT, NOOP, HELP: the filters decide, then the protocol machine answers."""
-        self.fs.report(filterproto.ProtocolClient(event.verb))
-        verdict = await self.fs.phase(event.verb.lower())
+        """RSET, QUIT, NOOP, HELP, AUTH: the filters decide, then the protocol machine
+        answers (AUTH: goes on to its challenges, as smtpd asks the phase at the command)."""
+        if event.verb == "AUTH":
+            mechanism, _, initial = event.argument.partition(" ")
+            shown = f"AUTH {mechanism} ********" if initial.strip() else f"AUTH {mechanism}"
+            self.fs.report(filterproto.ProtocolClient(shown))
+            # As smtpd: the AUTH arguments as sent, credentials included (not masked).
+            verdict = await self.fs.phase("auth", event.argument)
+        else:
+            self.fs.report(filterproto.ProtocolClient(event.verb))
+            verdict = await self.fs.phase(event.verb.lower())
         if verdict.stops:
             self._answer(verdict, FILTER_TEMPFAIL)
             return

@@ -180,13 +180,17 @@ class Quit(Event):
 
 @dataclass(frozen=True, slots=True)
 class FilteredCommand(Event):
-    """RSET, QUIT, NOOP or HELP named in ``ServerConfig.filtered_commands`` (answer).
+    """RSET, QUIT, NOOP, HELP or AUTH named in ``ServerConfig.filtered_commands`` (answer).
 
     ``accept()`` runs the command as if unfiltered (RSET then also yields Reset, QUIT
-    yields Quit and closes); ``reject(reply)`` sends ``reply`` instead.
+    yields Quit and closes, AUTH goes on to its challenges or credentials);
+    ``reject(reply)`` sends ``reply`` instead. For AUTH, a valid command only, asked before
+    any credential is read (as smtpd's auth filter phase): ``argument`` is the AUTH
+    arguments as sent.
     """
 
     verb: str
+    argument: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +347,7 @@ class ServerConnection:
         self._auth_user: str | None = None
         self._login_user = ""
         self._auth_args = ""
+        self._auth_asked = ("", "")  # mechanism, initial response: an AUTH being filtered
         self._tx: _Transaction | None = None
         self._data = _DataState()
         self._mail_count = 0
@@ -815,6 +820,8 @@ class ServerConnection:
             self._close()
         elif verb == "NOOP":
             self._send(reply or R_OK)
+        elif verb == "AUTH":
+            self._auth_start(*self._auth_asked)
         else:
             self._send(reply or R_HELP)
 
@@ -849,6 +856,14 @@ class ServerConnection:
             return self._refuse(shown, R_AUTH_NO_PARAMS)
         if mechanism not in self._mechanisms():
             return self._refuse(shown, _unknown_mechanism(_printable(mechanism)))
+        if "AUTH" in self.config.filtered_commands:
+            self._auth_asked = (mechanism, initial)
+            self._events.append(FilteredCommand("AUTH", args))
+            return None
+        self._auth_start(mechanism, initial)
+        return None
+
+    def _auth_start(self, mechanism: str, initial: str) -> None:
         if mechanism == "PLAIN":
             if initial:
                 self._auth_plain(initial)
@@ -860,7 +875,6 @@ class ServerConnection:
         else:
             self._out += b"334 VXNlcm5hbWU6\r\n"
             self._state = _State.AUTH_LOGIN_USER
-        return None
 
     def _auth_continue(self, line: str) -> None:
         state = self._state

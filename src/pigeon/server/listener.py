@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 BACKLOG = 4096  # OpenSMTPD's backlog of 5 collapses under reconnect storms (perf-anchors.md)
 
 Authenticator = Callable[[str, str], Awaitable[bool]]
-FILTERED_COMMANDS = frozenset({"RSET", "QUIT", "NOOP", "HELP"})
+FILTERED_COMMANDS = frozenset({"RSET", "QUIT", "NOOP", "HELP", "AUTH"})
 
 
 @dataclass

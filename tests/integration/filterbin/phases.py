@@ -24,8 +24,16 @@ def recorder(phase: str) -> None:
         return proceed()
 
 
-for name in ("connect", "auth", "rset", "quit"):
+for name in ("connect", "rset", "quit"):
     recorder(name)
+
+
+@f.on_filter("auth")
+def no_login(session: Session, param: str) -> Decision:
+    note("auth", param)
+    if param.upper() == "LOGIN":  # asked at the command, before any credential
+        return reject("535 5.7.8 LOGIN refused by filter")
+    return proceed()
 
 
 @f.on_filter("noop")

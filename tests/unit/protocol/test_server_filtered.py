@@ -116,3 +116,47 @@ def test_auth_credentials_keep_the_arguments_as_sent() -> None:
     feed(conn2, b"AUTH LOGIN\r\n" + base64.b64encode(b"bob") + b"\r\n")
     (login,) = feed(conn2, base64.b64encode(b"pw") + b"\r\n")
     assert isinstance(login, AuthCredentials) and login.arguments == "LOGIN"
+
+
+AUTH_FILTERED = ServerConfig(
+    "mx.test",
+    auth_mechanisms=("PLAIN", "LOGIN"),
+    filtered_commands=frozenset({"AUTH"}),
+)
+
+
+def test_a_filtered_auth_is_asked_at_the_command_before_any_credential() -> None:
+    """As smtpd's auth filter phase: AUTH LOGIN gets no 334 until the answer; refused, no
+    credential is ever asked for."""
+    conn = started(AUTH_FILTERED, tls=True)
+    assert feed(conn, b"AUTH LOGIN\r\n") == [FilteredCommand("AUTH", "LOGIN")]
+    assert conn.data_to_send() == b""
+    conn.reject(Reply(535, "not from here", "5.7.8"))
+    assert conn.data_to_send() == b"535 5.7.8 not from here\r\n"
+    assert conn.authenticated_user is None
+    # accepted: the challenges, then the credentials
+    assert feed(conn, b"AUTH LOGIN\r\n") == [FilteredCommand("AUTH", "LOGIN")]
+    conn.accept()
+    assert conn.data_to_send() == b"334 VXNlcm5hbWU6\r\n"
+    assert feed(conn, base64.b64encode(b"bob") + b"\r\n") == []
+    assert conn.data_to_send() == b"334 UGFzc3dvcmQ6\r\n"
+    (login,) = feed(conn, base64.b64encode(b"pw") + b"\r\n")
+    assert login == AuthCredentials("LOGIN", "bob", "pw")
+
+
+def test_a_filtered_auth_plain_with_its_response_keeps_the_arguments() -> None:
+    conn = started(AUTH_FILTERED, tls=True)
+    blob = base64.b64encode(b"\0alice\0pw").decode()
+    assert feed(conn, f"AUTH PLAIN {blob}\r\n".encode()) == [
+        FilteredCommand("AUTH", f"PLAIN {blob}")
+    ]
+    conn.accept()
+    event = conn.next_event()
+    assert event == AuthCredentials("PLAIN", "alice", "pw") and event.arguments == f"PLAIN {blob}"
+
+
+def test_an_invalid_auth_is_refused_without_asking() -> None:
+    conn = started(AUTH_FILTERED, tls=True)
+    events = feed(conn, b"AUTH CRAM-MD5\r\nAUTH\r\n")
+    assert [type(e) for e in events] == [CommandRejected, CommandRejected]
+    assert conn.data_to_send().startswith(b"504 ")
