@@ -106,6 +106,28 @@ def child_credentials(
     return entry.pw_uid, gid
 
 
+def lost_root_note(spec: ProcessSpec, *, euid: int | None = None) -> str | None:
+    """Why ``spec`` cannot run as configured, when it is (re)started by a daemon that was
+    started as root and has dropped to its own user: it then runs as that user, outside
+    its chroot, rather than not at all (its sessions would get 421/451 until a restart)."""
+    from pigeon import privsep
+
+    dropped = privsep.run_as()
+    if (os.geteuid() if euid is None else euid) == 0 or dropped is None:
+        return None
+    wanted = []
+    if spec.user is not None and spec.user != dropped.name:
+        wanted.append(f"user {spec.user}")
+    if spec.chroot:
+        wanted.append(f"chroot {spec.chroot}")
+    if not wanted:
+        return None
+    return (
+        f"runs as {dropped.name} without its {' and '.join(wanted)}: the daemon no longer "
+        "has root (restart Pigeon to run it as configured)"
+    )
+
+
 def privilege_dropper(
     creds: tuple[int, int] | None, chroot: str | None = None
 ) -> Callable[[], None] | None:
@@ -388,6 +410,11 @@ class ProcessSupervisor:
         spec = self.spec
         program = spec.program
         creds = child_credentials(spec.user, spec.group, spec.fallback_user)
+        chroot = spec.chroot
+        note = lost_root_note(spec)
+        if note is not None:  # a restart after the daemon gave up root: run it anyway
+            self.log.warning("warn: %s: %s", spec.name, note)
+            chroot = None
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
         child_io: int = asyncio.subprocess.PIPE
@@ -404,7 +431,7 @@ class ProcessSupervisor:
                 limit=STREAM_LIMIT,
                 start_new_session=True,  # its own group: stopping it stops its children too
                 pass_fds=spec.pass_fds,
-                preexec_fn=privilege_dropper(creds, spec.chroot),
+                preexec_fn=privilege_dropper(creds, chroot),
                 cwd="/",  # where smtpd (a daemon) runs them from
             )
         except BaseException:

@@ -17,6 +17,7 @@ from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_mess
 
 # An account every Debian system has; packaging creates `_pigeon`, which tests must not need.
 RUN_AS = "daemon"
+FILTER_USER = "nobody"  # a proc filter's own `user`
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
 
@@ -51,10 +52,17 @@ class Site:
             f"toor 0:0:{self.mail / 'toor'}\n"
         )
         self.port = free_port()
+        self.filtered_port = free_port()
         self.mda_out = self.mail / "mda.out"
+        self.filter_log = self.mail / "filter.log"
+        self.filter_log.touch()
+        self.filter_log.chmod(0o666)  # the filter writes it as nobody, then as the daemon user
+        recorder = Path(__file__).parent / "filterbin" / "recorder.py"
         config = f"""
 table users file:{users}
+filter rec proc-exec "/usr/bin/python3 {recorder} {self.filter_log}" user {FILTER_USER}
 listen on 127.0.0.1 port {self.port} hostname mx.privsep.test
+listen on 127.0.0.1 port {self.filtered_port} hostname mx.privsep.test filter rec
 action "local" maildir userbase <users>
 action "mda" mda "id -u > {self.mda_out}; cat >> {self.mda_out}" userbase <users>
 match from any for rcpt-to "mdauser@mx.privsep.test" action "mda"
@@ -146,6 +154,50 @@ def test_no_delivery_as_root(site: Site) -> None:
     site.send("toor@mx.privsep.test")
     wait_for(lambda: "not allowed to deliver to: toor" in site.daemon.log(), what="refusal")
     assert not (site.mail / "toor").exists()
+
+
+def test_a_filter_restarted_after_the_drop_runs_and_says_why_not_as_its_user(
+    site: Site,
+) -> None:
+    """Started as root, the filter runs as its `user`; killed after the daemon dropped to
+    its own user, it comes back as that user (root is gone), with a warning saying so,
+    and the filtered listener keeps taking mail. (Before the reload test, whose new filter
+    process starts the same way.)"""
+    assert site.daemon.proc is not None
+    nobody = pwd.getpwnam(FILTER_USER).pw_uid
+
+    def filters() -> list[int]:
+        return [
+            c
+            for c in _children(site.daemon.proc.pid)  # type: ignore[union-attr]
+            if "recorder.py" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
+        ]
+
+    wait_for(filters, what="the filter process")
+    [first] = filters()
+    assert _status_ids(first, "Uid")[0] == nobody
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: filters() and filters() != [first], timeout=30, what="the restarted filter")
+    [second] = filters()
+    assert _status_ids(second, "Uid")[0] == site.user.pw_uid
+    assert (
+        f"warn: rec: runs as {RUN_AS} without its user {FILTER_USER}: the daemon no longer"
+        in site.daemon.log()
+    )
+
+    def delivered_through_the_filter() -> bool:
+        # until its handshake is done, the listener answers 421 (the filter is restarting)
+        try:
+            with smtplib.SMTP("127.0.0.1", site.filtered_port, timeout=10) as client:
+                client.sendmail(
+                    "sender@example.org", ["alice@mx.privsep.test"], "Subject: f\r\n\r\nx\r\n"
+                )
+        except smtplib.SMTPConnectError as exc:
+            assert exc.smtp_code == 421, exc
+            return False
+        return True
+
+    wait_for(delivered_through_the_filter, what="the filtered listener to take mail")
 
 
 def test_reload_runs_as_the_daemon_user(site: Site) -> None:

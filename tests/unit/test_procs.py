@@ -18,6 +18,7 @@ from pigeon.procs import (
     ProcessSupervisor,
     child_credentials,
     full_command,
+    lost_root_note,
 )
 
 # Answers "hello" with "ready", says something on stderr, then exits at the next line.
@@ -77,3 +78,20 @@ def test_exit_restarts_with_backoff_and_stderr_is_logged(
         asyncio.run(scenario())
     assert downs[0] == "exited (status 3)"
     assert "warn: demo: about to go" in caplog.text
+
+
+def test_a_restart_after_the_drop_says_what_it_cannot_honour() -> None:
+    """Started as root, the daemon dropped to its user: an add-on restarted now runs as
+    that user, and the log says which of its settings it had to go without."""
+    spec = ProcessSpec("dkim", "filter-dkimsign", user="_dkim", chroot="/var/empty")
+    privsep.set_run_as(privsep.RunAs("_pigeon", 1001, 1001, "/"))
+    try:
+        note = lost_root_note(spec, euid=1001)
+        assert note is not None
+        assert "runs as _pigeon without its user _dkim and chroot /var/empty" in note
+        assert lost_root_note(spec, euid=0) is None  # still root: honoured
+        assert lost_root_note(ProcessSpec("plain", "x"), euid=1001) is None
+        assert lost_root_note(ProcessSpec("same", "x", user="_pigeon"), euid=1001) is None
+    finally:
+        privsep.set_run_as(None)
+    assert lost_root_note(spec, euid=1001) is None  # never root: nothing was promised
