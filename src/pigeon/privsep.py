@@ -3,8 +3,10 @@
 Started as root, ``pigeon run``:
 
 1. resolves the run-as user (``_pigeon``, or ``--user NAME``) and hands it the spool;
-2. forks the **privileged helper**, a small root process whose only job is local delivery
-   as the recipient user (maildir, mbox, mda), requested by the daemon over a socketpair;
+2. forks the **privileged helper**, a small root process whose jobs are local delivery as
+   the recipient user (maildir, mbox, mda), requested by the daemon over a socketpair, and
+   starting again, as their own user, the proc filters the configuration named at start
+   (``launcher.py``);
 3. builds the daemon, binds its ports and reads its TLS keys as root;
 4. drops to the run-as user (groups, gid, uid; checked irreversibly).
 
@@ -32,12 +34,14 @@ import pwd
 import signal
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pigeon.delivery.local import LocalTarget, LocalUser
 from pigeon.delivery.local import deliver as deliver_local
+from pigeon.launcher import Launcher, LaunchServer
 from pigeon.queue.envelope import Envelope
 from pigeon.scheduler.scheduler import Outcome
 
@@ -212,27 +216,33 @@ def decode_request(header: dict[str, Any]) -> tuple[int, LocalTarget, Envelope, 
 # ---------------------------------------------------------------------- the root side
 
 
-def start_helper() -> HelperClient:
-    """Fork the privileged helper (call as root, before the event loop and any thread)."""
+def start_helper(launchable: Sequence[dict[str, Any]] = ()) -> HelperClient:
+    """Fork the privileged helper (call as root, before the event loop and any thread).
+    ``launchable``: the add-on specs (``launcher.spec_key``) it may start again later."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    launch_ours, launch_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the helper
         code = 0
         try:
             ours.close()
+            launch_ours.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
-            asyncio.run(_serve(theirs))
+            asyncio.run(_serve(theirs, LaunchServer(launch_theirs, launchable)))
         except BaseException:
             log.exception("warn: privileged helper failed")
             code = 1
         finally:
             os._exit(code)
     theirs.close()
-    return HelperClient(ours, pid)
+    launch_theirs.close()
+    return HelperClient(ours, pid, Launcher(launch_ours, launchable))
 
 
-async def _serve(sock: socket.socket) -> None:
+async def _serve(sock: socket.socket, launches: LaunchServer | None = None) -> None:
+    if launches is not None:
+        launches.serve(asyncio.get_running_loop())
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     tasks: set[asyncio.Task[None]] = set()
     lock = asyncio.Lock()
@@ -280,9 +290,10 @@ async def _serve(sock: socket.socket) -> None:
 class HelperClient:
     """The daemon's end: ``await client.deliver(target, env, body)`` as ``local.deliver``."""
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
+    def __init__(self, sock: socket.socket, pid: int, launcher: Launcher | None = None) -> None:
         self.sock = sock
         self.pid = pid
+        self.launcher = launcher  # restarts add-ons as their own user (launcher.py)
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Outcome]] = {}
         self._next_id = 1

@@ -29,7 +29,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from pigeon.launcher import Launcher, RemoteProcess
 
 log = logging.getLogger("pigeon.procs")
 
@@ -232,7 +235,7 @@ class ProcessSupervisor:
         self._not_before = 0.0  # monotonic time before which no new process is started
         self._ready_since: float | None = None
         self._io: Channel | None = None  # the live process's streams, ready or not
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | RemoteProcess | None = None
         self._reading: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stderr_tasks: set[asyncio.Task[None]] = set()  # held so they are not collected
@@ -409,12 +412,19 @@ class ProcessSupervisor:
     async def _spawn(self) -> Channel:
         spec = self.spec
         program = spec.program
-        creds = child_credentials(spec.user, spec.group, spec.fallback_user)
-        chroot = spec.chroot
         note = lost_root_note(spec)
-        if note is not None:  # a restart after the daemon gave up root: run it anyway
-            self.log.warning("warn: %s: %s", spec.name, note)
-            chroot = None
+        if note is not None:  # a restart after the daemon gave up root
+            from pigeon.launcher import LaunchError, launcher
+
+            helper = launcher()
+            if helper is not None and helper.allows(spec):  # as configured, by root
+                try:
+                    return await self._spawn_by_helper(helper)
+                except LaunchError as exc:
+                    self.log.warning("warn: %s: privileged helper: %s", spec.name, exc)
+            self.log.warning("warn: %s: %s", spec.name, note)  # else run it anyway
+        creds = child_credentials(spec.user, spec.group, spec.fallback_user)
+        chroot = None if note is not None else spec.chroot
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
         child_io: int = asyncio.subprocess.PIPE
@@ -443,9 +453,7 @@ class ProcessSupervisor:
                 theirs.close()
         self._proc = proc
         assert proc.stderr is not None
-        stderr_task = asyncio.get_running_loop().create_task(self._log_stderr(proc.stderr))
-        self._stderr_tasks.add(stderr_task)
-        stderr_task.add_done_callback(self._stderr_tasks.discard)
+        self._follow_stderr(proc.stderr)
         self.log.info("info: %s: started %s (pid %d)", spec.name, program.describe(), proc.pid)
         if ours is not None:
             reader, writer = await asyncio.open_unix_connection(sock=ours, limit=STREAM_LIMIT)
@@ -454,6 +462,34 @@ class ProcessSupervisor:
             assert proc.stdin is not None and proc.stdout is not None
             self._io = Channel(proc.stdout, proc.stdin)
         return self._io
+
+    async def _spawn_by_helper(self, helper: Launcher) -> Channel:
+        spec = self.spec
+        proc = await helper.launch(spec, STREAM_LIMIT)
+        self._proc = proc
+        assert proc.stderr is not None
+        self._follow_stderr(proc.stderr)
+        self.log.info(
+            "info: %s: started %s (pid %d) as %s by the privileged helper",
+            spec.name,
+            spec.program.describe(),
+            proc.pid,
+            spec.user or "the daemon's user",
+        )
+        if proc.socket is not None:
+            reader, writer = await asyncio.open_unix_connection(
+                sock=proc.socket, limit=STREAM_LIMIT
+            )
+            self._io = Channel(reader, writer)
+        else:
+            assert proc.stdin is not None and proc.stdout is not None
+            self._io = Channel(proc.stdout, proc.stdin)
+        return self._io
+
+    def _follow_stderr(self, stream: asyncio.StreamReader) -> None:
+        stderr_task = asyncio.get_running_loop().create_task(self._log_stderr(stream))
+        self._stderr_tasks.add(stderr_task)
+        stderr_task.add_done_callback(self._stderr_tasks.discard)
 
     async def _log_stderr(self, stream: asyncio.StreamReader) -> None:
         with contextlib.suppress(Exception):
@@ -485,9 +521,14 @@ class ProcessSupervisor:
         if proc.stdin is not None:
             with contextlib.suppress(Exception):
                 proc.stdin.close()
+        from pigeon.launcher import RemoteProcess
+
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if proc.returncode is not None:
                 return
+            if isinstance(proc, RemoteProcess):  # not ours to signal: the helper's child
+                proc.send_signal(sig)
+                continue
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig)
             with contextlib.suppress(TimeoutError):

@@ -156,55 +156,87 @@ def test_no_delivery_as_root(site: Site) -> None:
     assert not (site.mail / "toor").exists()
 
 
-def test_a_filter_restarted_after_the_drop_runs_and_says_why_not_as_its_user(
-    site: Site,
-) -> None:
-    """Started as root, the filter runs as its `user`; killed after the daemon dropped to
-    its own user, it comes back as that user (root is gone), with a warning saying so,
-    and the filtered listener keeps taking mail. (Before the reload test, whose new filter
-    process starts the same way.)"""
+def _filters(site: Site) -> list[int]:
+    """The recorder filter's processes: the daemon's children, or the helper's (restarts)."""
     assert site.daemon.proc is not None
+    found = []
+    for child in _children(site.daemon.proc.pid):
+        for pid in (child, *_children(child)):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+            except OSError:
+                continue
+            if "recorder.py" in cmdline and _state(pid) != "Z":
+                found.append(pid)
+    return found
+
+
+def _delivered_through_the_filter(site: Site) -> bool:
+    # until its handshake is done, the listener answers 421 (the filter is restarting)
+    try:
+        with smtplib.SMTP("127.0.0.1", site.filtered_port, timeout=10) as client:
+            client.sendmail(
+                "sender@example.org", ["alice@mx.privsep.test"], "Subject: f\r\n\r\nx\r\n"
+            )
+    except smtplib.SMTPConnectError as exc:
+        assert exc.smtp_code == 421, exc
+        return False
+    return True
+
+
+def test_a_filter_restarted_after_the_drop_runs_as_its_user(site: Site) -> None:
+    """Started as root, the filter runs as its `user`; killed after the daemon dropped to
+    its own user, it comes back as its `user` still, started by the root helper (the
+    configuration named it at start), and the filtered listener keeps taking mail."""
     nobody = pwd.getpwnam(FILTER_USER).pw_uid
-
-    def filters() -> list[int]:
-        return [
-            c
-            for c in _children(site.daemon.proc.pid)  # type: ignore[union-attr]
-            if "recorder.py" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
-        ]
-
-    wait_for(filters, what="the filter process")
-    [first] = filters()
+    wait_for(lambda: _filters(site), what="the filter process")
+    [first] = _filters(site)
     assert _status_ids(first, "Uid")[0] == nobody
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: filters() and filters() != [first], timeout=30, what="the restarted filter")
-    [second] = filters()
-    assert _status_ids(second, "Uid")[0] == site.user.pw_uid
-    assert (
-        f"warn: rec: runs as {RUN_AS} without its user {FILTER_USER}: the daemon no longer"
-        in site.daemon.log()
+    wait_for(
+        lambda: _filters(site) and _filters(site) != [first],
+        timeout=30,
+        what="the restarted filter",
     )
-
-    def delivered_through_the_filter() -> bool:
-        # until its handshake is done, the listener answers 421 (the filter is restarting)
-        try:
-            with smtplib.SMTP("127.0.0.1", site.filtered_port, timeout=10) as client:
-                client.sendmail(
-                    "sender@example.org", ["alice@mx.privsep.test"], "Subject: f\r\n\r\nx\r\n"
-                )
-        except smtplib.SMTPConnectError as exc:
-            assert exc.smtp_code == 421, exc
-            return False
-        return True
-
-    wait_for(delivered_through_the_filter, what="the filtered listener to take mail")
+    [second] = _filters(site)
+    assert _status_ids(second, "Uid")[0] == nobody
+    log = site.daemon.log()
+    assert f"as {FILTER_USER} by the privileged helper" in log
+    assert "without its user" not in log
+    wait_for(lambda: _delivered_through_the_filter(site), what="the filtered listener")
+    lines = site.filter_log.read_text().splitlines()
+    assert any("alice@mx.privsep.test" in line for line in lines), lines[-5:]
 
 
-def test_reload_runs_as_the_daemon_user(site: Site) -> None:
+def test_a_killed_helper_started_filter_is_replaced_and_reaped(site: Site) -> None:
+    """The daemon cannot signal a process of another user: it asks the helper, which also
+    reaps it (no zombie is left behind)."""
+    wait_for(lambda: _filters(site), what="the filter process")
+    [current] = _filters(site)
+    os.kill(current, signal.SIGKILL)
+    wait_for(
+        lambda: _filters(site) and _filters(site) != [current],
+        timeout=30,
+        what="another restart",
+    )
+    wait_for(lambda: _state(current) == "gone", timeout=10, what="the old filter reaped")
+    wait_for(lambda: _delivered_through_the_filter(site), what="the filtered listener")
+
+
+def test_reload_runs_as_the_daemon_user_and_the_filter_as_its_own(site: Site) -> None:
+    before = _filters(site)
     result = site.daemon.ctl("reload")
     assert "reloaded" in result.stdout
     assert site.daemon.proc is not None
     assert _status_ids(site.daemon.proc.pid, "Uid")[0] == site.user.pw_uid
+    wait_for(
+        lambda: [p for p in _filters(site) if p not in before],
+        timeout=30,
+        what="the reload's filter",
+    )
+    new = [p for p in _filters(site) if p not in before]
+    assert [_status_ids(p, "Uid")[0] for p in new] == [pwd.getpwnam(FILTER_USER).pw_uid]
+    wait_for(lambda: _delivered_through_the_filter(site), what="the filtered listener")
 
 
 def test_helper_exits_when_the_daemon_dies(site: Site) -> None:

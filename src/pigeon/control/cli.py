@@ -208,7 +208,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if run_as is not None:
         privsep.set_run_as(run_as)
         privsep.give_spool(spool, run_as)
-        helper = privsep.start_helper()  # before the event loop and any thread
+        from pigeon import launcher
+        from pigeon.filters.runtime import filter_specs
+
+        launchable = [
+            launcher.spec_key(spec)
+            for spec in filter_specs(config).values()
+            if launcher.needs_root(spec, run_as.name)
+        ]
+        helper = privsep.start_helper(launchable)  # before the event loop and any thread
+        launcher.set_launcher(helper.launcher)
     options = DaemonOptions(
         spool=spool,
         paused=frozenset(args.paused or ()),

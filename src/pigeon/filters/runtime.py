@@ -19,6 +19,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("pigeon.filters")
 
 
+def filter_specs(config: Config) -> dict[str, ProcessSpec]:
+    """The process of every ``proc`` a filter uses, by name."""
+    used = {f.proc for f in config.filters.values() if f.proc is not None}
+    specs = {}
+    for name in sorted(used):
+        decl = config.procs[name]
+        specs[name] = ProcessSpec(name, decl.command, decl.user, decl.group, decl.chroot)
+    return specs
+
+
 class FilterManager:
     """Every ``proc`` used by a filter runs once and serves all sessions of all listeners."""
 
@@ -35,8 +45,7 @@ class FilterManager:
         self.table: TableGetter = table
         self.sessions: dict[int, FilterSession] = {}
         self.procs: dict[str, FilterProc] = {}
-        used = {f.proc for f in config.filters.values() if f.proc is not None}
-        for name in sorted(used):
+        for name, spec in filter_specs(config).items():
             decl = config.procs[name]
             version = filterproto.parse_version(decl.protocol or "0.7")
             timeout = decl.timeout or request_timeout or DEFAULT_REQUEST_TIMEOUT
@@ -46,7 +55,6 @@ class FilterManager:
                 request_timeout=timeout,
                 backoff_initial=backoff_initial,
             )
-            spec = ProcessSpec(name, decl.command, decl.user, decl.group, decl.chroot)
             self.procs[name] = FilterProc(spec, settings, on_proc_report=self._proc_report)
         self._chains: dict[str, FilterChain] = {}
 
