@@ -7,16 +7,19 @@ read its key, and every session of its listener would get 421 until a restart.
 
 So the privileged helper (see ``privsep.py``) also launches add-ons, under a rule that keeps
 it from being a general "run this as that user" service for the internet-facing daemon: it
-launches only the exact specs (command line, user, group, chroot) the configuration named
-when Pigeon started, read by root before any client connected. It hands the daemon the
+launches only the exact specs (command line, user, group, chroot) the configuration names,
+read by root itself: at start, before any client connected, and again when the daemon
+reloads (the helper rereads the file it was started with; the daemon's word is never taken
+for a command or a user). It hands the daemon the
 process's pipes (SCM_RIGHTS over a SOCK_SEQPACKET socketpair), signals only processes it
 launched itself, and reports their exit.
 
 Messages are JSON datagrams. Daemon to helper: ``{"op": "launch", "handle": H, "spec":
-{...}}`` and ``{"op": "signal", "handle": H, "sig": N}``. Helper to daemon: ``{"op":
-"launched", "handle": H, "pid": P}`` with the fds (stdin, stdout, stderr; or socket,
-stderr), ``{"op": "launched", "handle": H, "error": "..."}`` and ``{"op": "exited",
-"handle": H, "status": S}``.
+{...}}``, ``{"op": "signal", "handle": H, "sig": N}`` and ``{"op": "reread", "handle": H}``.
+Helper to daemon: ``{"op": "launched", "handle": H, "pid": P}`` with the fds (stdin,
+stdout, stderr; or socket, stderr), ``{"op": "launched", "handle": H, "error": "..."}``,
+``{"op": "exited", "handle": H, "status": S}`` and ``{"op": "reread", "handle": H,
+"allowed": [...]}`` (or ``"error"``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from pigeon.procs import ProcessSpec, child_credentials, privilege_dropper
+
+if TYPE_CHECKING:
+    from pigeon.config.model import Config
 
 log = logging.getLogger("pigeon.privsep")
 
@@ -58,6 +64,13 @@ def needs_root(spec: ProcessSpec, run_as: str) -> bool:
     return bool(spec.chroot) or (spec.user is not None and spec.user != run_as)
 
 
+def launchable(config: Config, run_as: str) -> list[dict[str, Any]]:
+    """The specs of ``config`` the helper may launch for a daemon running as ``run_as``."""
+    from pigeon.filters.runtime import filter_specs
+
+    return [spec_key(s) for s in filter_specs(config).values() if needs_root(s, run_as)]
+
+
 def _frozen(key: dict[str, Any]) -> str:
     return json.dumps(key, sort_keys=True)
 
@@ -68,9 +81,15 @@ def _frozen(key: dict[str, Any]) -> str:
 class LaunchServer:
     """In the root helper: launches allowed specs for the daemon, signals and reaps them."""
 
-    def __init__(self, sock: socket.socket, allowed: Iterable[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        allowed: Iterable[dict[str, Any]],
+        reread: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.sock = sock
         self.allowed = {_frozen(key) for key in allowed}
+        self._reread = reread  # the launchable specs of the configuration file, read again
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._send_lock = threading.Lock()
 
@@ -108,6 +127,8 @@ class LaunchServer:
                 self._launch(handle, message.get("spec"))
             elif op == "signal":
                 self._signal(handle, message.get("sig"))
+            elif op == "reread":
+                self._reread_config(handle)
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (ValueError, TypeError) as exc:
@@ -163,6 +184,18 @@ class LaunchServer:
             if stream is not None:
                 stream.close()
         threading.Thread(target=self._reap, args=(handle, proc), daemon=True).start()
+
+    def _reread_config(self, handle: int) -> None:
+        if self._reread is None:
+            self._send({"op": "reread", "handle": handle, "error": "no configuration file"})
+            return
+        try:
+            keys = self._reread()
+        except Exception as exc:  # a bad file: the daemon's reload fails on it too
+            self._send({"op": "reread", "handle": handle, "error": str(exc)})
+            return
+        self.allowed = {_frozen(key) for key in keys}
+        self._send({"op": "reread", "handle": handle, "allowed": keys})
 
     def _reap(self, handle: int, proc: subprocess.Popen[bytes]) -> None:
         status = proc.wait()
@@ -222,6 +255,7 @@ class Launcher:
         self._next = 1
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
         self._live: dict[int, RemoteProcess] = {}
+        self._early_exits: dict[int, int] = {}  # exited before launch() took it in hand
         self._reading = False
         self._gone = False
 
@@ -256,6 +290,8 @@ class Launcher:
                 proc = self._live.pop(handle, None)
                 if proc is not None:
                     proc._set_exited(int(message.get("status", -1)))
+                else:
+                    self._early_exits[handle] = int(message.get("status", -1))
                 continue
             future = self._pending.pop(handle, None)
             if future is None or future.done():
@@ -276,32 +312,54 @@ class Launcher:
             proc._set_exited(-1)
         self._live.clear()
 
-    def signal(self, handle: int, sig: int) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.send(json.dumps({"op": "signal", "handle": handle, "sig": sig}).encode())
+    async def reread(self) -> None:
+        """Have the helper read the configuration file again (a reload): filters the new
+        configuration names become launchable, those it dropped no longer are."""
+        message, fds = await self._ask({"op": "reread"})
+        for fd in fds:
+            os.close(fd)
+        if "error" in message:
+            raise LaunchError(str(message["error"]))
+        self.allowed = {_frozen(key) for key in message.get("allowed") or []}
 
-    async def launch(self, spec: ProcessSpec, limit: int) -> RemoteProcess:
+    async def _ask(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         if self._gone:
             raise LaunchError("privileged helper is gone")
         self._start_reading()
         handle = self._next
         self._next += 1
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[dict[str, Any], list[int]]] = loop.create_future()
+        future: asyncio.Future[tuple[dict[str, Any], list[int]]]
+        future = asyncio.get_running_loop().create_future()
         self._pending[handle] = future
-        request = {"op": "launch", "handle": handle, "spec": spec_key(spec)}
         try:
-            self.sock.send(json.dumps(request).encode())
+            self.sock.send(json.dumps({**request, "handle": handle}).encode())
         except OSError as exc:
             self._pending.pop(handle, None)
             raise LaunchError(f"privileged helper: {exc}") from None
-        message, fds = await asyncio.wait_for(future, 10.0)
+        try:
+            return await asyncio.wait_for(future, 10.0)
+        except TimeoutError:
+            self._pending.pop(handle, None)
+            raise LaunchError("privileged helper did not answer") from None
+
+    def signal(self, handle: int, sig: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.send(json.dumps({"op": "signal", "handle": handle, "sig": sig}).encode())
+
+    async def launch(self, spec: ProcessSpec, limit: int) -> RemoteProcess:
+        loop = asyncio.get_running_loop()
+        message, fds = await self._ask({"op": "launch", "spec": spec_key(spec)})
+        handle = int(message["handle"])
         if "error" in message:
             for fd in fds:
                 os.close(fd)
             raise LaunchError(str(message["error"]))
         proc = RemoteProcess(self, handle, int(message["pid"]))
-        self._live[handle] = proc
+        status = self._early_exits.pop(handle, None)
+        if status is None:
+            self._live[handle] = proc
+        else:
+            proc._set_exited(status)
         try:
             if spec.socketpair:
                 own, err = fds

@@ -34,7 +34,7 @@ import pwd
 import signal
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,9 +216,13 @@ def decode_request(header: dict[str, Any]) -> tuple[int, LocalTarget, Envelope, 
 # ---------------------------------------------------------------------- the root side
 
 
-def start_helper(launchable: Sequence[dict[str, Any]] = ()) -> HelperClient:
+def start_helper(
+    launchable: Sequence[dict[str, Any]] = (),
+    reread: Callable[[], list[dict[str, Any]]] | None = None,
+) -> HelperClient:
     """Fork the privileged helper (call as root, before the event loop and any thread).
-    ``launchable``: the add-on specs (``launcher.spec_key``) it may start again later."""
+    ``launchable``: the add-on specs (``launcher.spec_key``) it may start again later;
+    ``reread``: how it finds them again in the configuration file, at a reload."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     launch_ours, launch_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -229,7 +233,7 @@ def start_helper(launchable: Sequence[dict[str, Any]] = ()) -> HelperClient:
             launch_ours.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
-            asyncio.run(_serve(theirs, LaunchServer(launch_theirs, launchable)))
+            asyncio.run(_serve(theirs, LaunchServer(launch_theirs, launchable, reread)))
         except BaseException:
             log.exception("warn: privileged helper failed")
             code = 1

@@ -192,6 +192,7 @@ async def reload(daemon: Daemon) -> tuple[bool, str]:
     source = daemon.options.config_file or "<default>"
     try:
         config = load(daemon)
+        await _reread_launchable()
         prepared = await prepare(daemon, config)
     except ConfigError as exc:
         return _failed(str(exc))
@@ -210,6 +211,20 @@ async def reload(daemon: Daemon) -> tuple[bool, str]:
     message = f"configuration reloaded from {source}"
     log.info("info: %s", message)
     return True, message
+
+
+async def _reread_launchable() -> None:
+    """Started as root: the helper reads the file too, so that the filters it names can be
+    started as their own user (launcher.py)."""
+    from pigeon.launcher import LaunchError, launcher
+
+    helper = launcher()
+    if helper is None:
+        return
+    try:
+        await helper.reread()
+    except LaunchError as exc:  # its filters then run as the daemon's user, with a warning
+        log.warning("warn: privileged helper could not read the configuration: %s", exc)
 
 
 def _failed(reason: str) -> tuple[bool, str]:

@@ -239,6 +239,37 @@ def test_reload_runs_as_the_daemon_user_and_the_filter_as_its_own(site: Site) ->
     wait_for(lambda: _delivered_through_the_filter(site), what="the filtered listener")
 
 
+def test_a_filter_a_reload_adds_runs_as_its_user(site: Site) -> None:
+    """The helper reads the configuration file again at a reload: a filter added then is
+    started as its `user` too (the daemon alone could not)."""
+    recorder = Path(__file__).parent / "filterbin" / "recorder.py"
+    second_log = site.mail / "filter2.log"
+    second_log.touch()
+    second_log.chmod(0o666)
+    original = site.daemon.conf.read_text()
+    added = (
+        f'filter rec2 proc-exec "/usr/bin/python3 {recorder} {second_log}" user {FILTER_USER}\n'
+        f"listen on 127.0.0.1 port {free_port()} hostname mx2.privsep.test filter rec2\n"
+    )
+    site.daemon.conf.write_text(added + original)
+    try:
+        assert "reloaded" in site.daemon.ctl("reload").stdout
+        wait_for(lambda: "config|ready" in second_log.read_text(), what="the new filter")
+        assert site.daemon.proc is not None
+        pids = [
+            pid
+            for child in _children(site.daemon.proc.pid)
+            for pid in (child, *_children(child))
+            if str(second_log) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+            and _state(pid) != "Z"
+        ]
+        assert [_status_ids(pid, "Uid")[0] for pid in pids] == [pwd.getpwnam(FILTER_USER).pw_uid]
+        assert "runs as daemon without its user" not in site.daemon.log()
+    finally:
+        site.daemon.conf.write_text(original)
+        assert "reloaded" in site.daemon.ctl("reload").stdout
+
+
 def test_helper_exits_when_the_daemon_dies(site: Site) -> None:
     assert site.daemon.proc is not None
     pid = site.daemon.proc.pid

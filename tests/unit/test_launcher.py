@@ -159,3 +159,41 @@ def test_a_gone_helper_fails_launches_and_ends_waits() -> None:
         proc.stdin.close()
 
     run(body)
+
+
+def test_a_reread_replaces_what_may_be_launched() -> None:
+    """At a reload the helper reads the file again: a spec the new configuration names
+    becomes launchable, one it dropped no longer is; a file that fails to load keeps the
+    previous list and says why."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        files = [[spec_key(SOCKET_ECHO)]]
+
+        def reread() -> list[dict[str, object]]:
+            if not files:
+                raise ValueError("smtpd.conf:3:1: syntax error")
+            return files.pop()
+
+        server = LaunchServer(theirs, [spec_key(ECHO)], reread)
+        loop = asyncio.get_running_loop()
+        server.serve(loop)
+        client = Launcher(ours, [spec_key(ECHO)])
+        try:
+            assert client.allows(ECHO) and not client.allows(SOCKET_ECHO)
+            await client.reread()
+            assert client.allows(SOCKET_ECHO) and not client.allows(ECHO)
+            with pytest.raises(LaunchError, match="not configured"):
+                await client.launch(ECHO, 1 << 16)
+            proc = await client.launch(SOCKET_ECHO, 1 << 16)
+            proc.send_signal(9)
+            assert await asyncio.wait_for(proc.wait(), 10) == -9
+            with pytest.raises(LaunchError, match="syntax error"):
+                await client.reread()
+            assert client.allows(SOCKET_ECHO)
+        finally:
+            for sock in (ours, theirs):
+                loop.remove_reader(sock.fileno())
+                sock.close()
+
+    asyncio.run(main())

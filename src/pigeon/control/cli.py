@@ -209,14 +209,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         privsep.set_run_as(run_as)
         privsep.give_spool(spool, run_as)
         from pigeon import launcher
-        from pigeon.filters.runtime import filter_specs
 
-        launchable = [
-            launcher.spec_key(spec)
-            for spec in filter_specs(config).values()
-            if launcher.needs_root(spec, run_as.name)
-        ]
-        helper = privsep.start_helper(launchable)  # before the event loop and any thread
+        def reread() -> list[dict[str, Any]]:  # in the helper, as root, at a reload
+            return launcher.launchable(_load(args.file, _macros(args.macros)), run_as.name)
+
+        helper = privsep.start_helper(  # before the event loop and any thread
+            launcher.launchable(config, run_as.name), reread if args.file else None
+        )
         launcher.set_launcher(helper.launcher)
     options = DaemonOptions(
         spool=spool,
