@@ -5,7 +5,7 @@ Started as root, ``pigeon run``:
 1. resolves the run-as user (``_pigeon``, or ``--user NAME``) and hands it the spool;
 2. forks the **privileged helper**, a small root process whose jobs are local delivery as
    the recipient user (maildir, mbox, mda), requested by the daemon over a socketpair, and
-   starting again, as their own user, the proc filters the configuration named at start
+   starting again, as their own user, the proc filters the configuration file names
    (``launcher.py``);
 3. builds the daemon, binds its ports and reads its TLS keys as root;
 4. drops to the run-as user (groups, gid, uid; checked irreversibly).
