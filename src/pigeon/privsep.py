@@ -13,7 +13,8 @@ Started as root, ``pigeon run``:
 The daemon keeps the original pid (what systemd and scripts signal); the helper is its child.
 The helper trusts the daemon for *what* to deliver, like OpenSMTPD's parent trusts its lookup
 process, but it accepts nothing else: one well-formed request type, never uid or gid 0, and
-every delivery runs in a child that has already switched to the user. It ignores SIGINT,
+every delivery runs in a child that has already switched to the user. For add-ons it takes
+the daemon's word for nothing but *which* of the configured filters to start (launcher.py). It ignores SIGINT,
 SIGTERM and SIGHUP and exits when the daemon's end of the socket closes (the daemon exits or
 dies), so it can never outlive the daemon.
 
