@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 SPOOL  ?= $(CURDIR)/pigeon-spool
 
 # Debian packages the tests use (real clients and servers).
-TEST_DEBS := swaks python3-venv rspamd opensmtpd opensmtpd-filter-rspamd opensmtpd-filter-senderscore opensmtpd-filter-dkimsign redis-server postgresql dovecot-core dovecot-lmtpd
+TEST_DEBS := swaks python3-venv rspamd opensmtpd opensmtpd-filter-rspamd opensmtpd-filter-senderscore opensmtpd-filter-dkimsign redis-server postgresql dovecot-core dovecot-lmtpd opensmtpd-extras
 
 .PHONY: run test venv test-deps lint bench clean install-service
 

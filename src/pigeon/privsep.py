@@ -14,9 +14,9 @@ The daemon keeps the original pid (what systemd and scripts signal); the helper 
 The helper trusts the daemon for *what* to deliver, like OpenSMTPD's parent trusts its lookup
 process, but it accepts nothing else: one well-formed request type, never uid or gid 0, and
 every delivery runs in a child that has already switched to the user. For add-ons it takes
-the daemon's word for nothing but *which* of the configured filters to start (launcher.py). It ignores SIGINT,
-SIGTERM and SIGHUP and exits when the daemon's end of the socket closes (the daemon exits or
-dies), so it can never outlive the daemon.
+the daemon's word for nothing but *which* of the configured filters to start (launcher.py).
+It ignores SIGINT, SIGTERM and SIGHUP and exits when the daemon's end of the socket closes
+(the daemon exits or dies), so it can never outlive the daemon.
 
 Started as an ordinary user, nothing here happens: everything runs as that user.
 

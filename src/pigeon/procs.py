@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from pigeon.launcher import Launcher, RemoteProcess
@@ -212,15 +212,19 @@ class ProcessSupervisor:
         spec: ProcessSpec,
         *,
         handshake: Handshake,
-        on_line: Callable[[str], None],
+        on_line: Callable[[Any], None],
         on_down: Callable[[str], None],
         handshake_timeout: float = 10.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         restart: RestartStyle = "eager",
         logger: logging.Logger = log,
+        read_message: Callable[[Channel], Awaitable[Any]] | None = None,
     ) -> None:
         self.spec = spec
+        # What one read gives ``on_line`` after the handshake: a line (the default), or a
+        # binary frame for an add-on that does not speak in lines (None: end of file).
+        self._read_message = read_message
         self._handshake = handshake
         self._on_line = on_line
         self._on_down = on_down
@@ -387,7 +391,10 @@ class ProcessSupervisor:
         while not self._broken.is_set():
             self._read_waiter = task
             try:
-                line = await channel.read_line()
+                if self._read_message is None:
+                    line = await channel.read_line()
+                else:
+                    line = await self._read_message(channel)
             except asyncio.CancelledError:
                 if self._stopping or not self._broken.is_set() or task is None:
                     raise

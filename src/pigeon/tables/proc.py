@@ -287,7 +287,13 @@ class ProcTable(Table):
                 future.set_exception(TableError(f"table {self.name}: {reason}"))
 
 
-def proc_from_decl(decl: TableDecl, config: Config) -> ProcTable:
+def proc_from_decl(decl: TableDecl, config: Config) -> Table:
     """Factory for ``open_tables``: ``proc``, ``proc-exec`` and any ``X:`` without a
-    built-in backend."""
-    return ProcTable(decl.name, command_for(decl))
+    built-in backend. A program of the old table API (Debian's opensmtpd-extras) is spoken
+    to in imsg, as smtpd 6.8 does (``imsg.py``)."""
+    from pigeon.tables.imsg import ImsgTable, speaks_imsg
+
+    command = command_for(decl)
+    if decl.backend != "proc-exec" and speaks_imsg(command.executable):
+        return ImsgTable(decl.name, command)
+    return ProcTable(decl.name, command)
