@@ -45,7 +45,7 @@ from pigeon.server.auth import CredentialsChecker
 from pigeon.server.listener import ListenerRuntime, bound_ports, resolve_interface, start_listener
 from pigeon.server.localaddr import local_addresses
 from pigeon.server.services import Services
-from pigeon.server.tls import server_context
+from pigeon.server.tls import TLSConfigError, server_context
 from pigeon.srs import SRSContext
 from pigeon.tables.base import (
     Service,
@@ -233,7 +233,7 @@ class Daemon:
                 max_mails=smtp.max_mails,
             )
             if lst.tls or lst.tls_require or lst.smtps:
-                names = list(lst.pki) or ([hostname] if hostname in self.config.pkis else [])
+                names = list(lst.pki) or self._default_pkis(hostname)
                 runtime.ssl_context = server_context(
                     [self.config.pkis[n] for n in names],
                     ca=self.config.cas.get(lst.ca) if lst.ca else None,
@@ -256,6 +256,18 @@ class Daemon:
             runtime.filter_chain = self.filters.chain(lst.filter)
             out.append(runtime)
         return out
+
+    def _default_pkis(self, hostname: str) -> list[str]:
+        """A TLS listener without ``pki`` (smtpd 6.8): the pki named after its hostname, or
+        the one named ``*``; the others too, chosen by the client's SNI name."""
+        pkis = self.config.pkis
+        for default in (hostname.lower(), "*"):
+            if default in pkis:
+                return [default, *(name for name in pkis if name != default)]
+        raise TLSConfigError(
+            f"listener for {hostname}: tls/smtps without pki needs a pki named {hostname} "
+            '(the hostname) or "*"'
+        )
 
     def _authenticator(self, ref: TableRef | None) -> CredentialsChecker:
         if ref is None:
@@ -290,6 +302,12 @@ class Daemon:
             self.scheduler.add(env)
         count = len(self.scheduler.envelopes())
         log.info("info: Pigeon starting, %d envelope(s) in the queue", count)
+        if self.config.queue.encryption:  # said at every start: the admin asked for it
+            log.warning(
+                "warn: queue encryption is not supported: messages are stored unencrypted "
+                "in %s (protect it with disk encryption)",
+                self.options.spool,
+            )
         await self.filters.start()  # like smtpd: every filter is ready before any session
         # Proc tables handshake now: listeners need their services (auth or credentials).
         await start_tables(self.tables.values())
@@ -656,8 +674,8 @@ class Daemon:
         except ValueError as exc:
             raise SMTPError(451, "4.3.0", f"bad relay setting: {exc}") from exc
         client_cert = None
-        if action.pki is not None and action.pki in self.config.pkis:
-            pki = self.config.pkis[action.pki]
+        pki = self.config.pkis.get(action.pki.lower()) if action.pki is not None else None
+        if pki is not None:
             if pki.cert and pki.key:
                 client_cert = (pki.cert, pki.key)
         return route_for(

@@ -74,6 +74,7 @@ class Site:
         self.port_require = free_port()
         self.port_verify = free_port()
         self.port_mask = free_port()
+        self.port_nopki = free_port()  # tls without pki: smtpd 6.8 takes the hostname's
         config = f"""
 pki {MX} cert "{d / (MX + ".crt")}"
 pki {MX} key "{d / (MX + ".key")}"
@@ -90,6 +91,7 @@ listen on 127.0.0.1 port {self.port_require} hostname {MX} tls-require pki {MX}
 listen on 127.0.0.1 port {self.port_verify} hostname {MX} tls-require verify pki {MX} \\
     ca clientca
 listen on 127.0.0.1 port {self.port_mask} hostname {MX} tls pki {MX} auth <creds> mask-src
+listen on 127.0.0.1 port {self.port_nopki} hostname {OTHER} tls
 action "local" maildir userbase <users>
 match from any for domain "{DOMAIN}" action "local"
 """
@@ -218,6 +220,24 @@ def test_starttls_with_smtplib_delivers_with_tls_in_received(site: Site) -> None
     assert "TLSv1." in head and ":NO)" in head
     # received-auth on this listener: an unauthenticated session says so
     assert "auth=no" in head
+
+
+def test_tls_without_pki_serves_the_certificate_of_the_listener_hostname(site: Site) -> None:
+    """smtpd 6.8's rule: no `pki` on the listener, the pki named after its `hostname`; a
+    client asking for another configured name by SNI gets that one."""
+    for name in (OTHER, MX):
+        with smtplib.SMTP("127.0.0.1", site.port_nopki, timeout=10) as client:
+            client._host = name  # type: ignore[attr-defined]  # SNI and the name check
+            client.starttls(context=site.client_context())  # fails on the wrong certificate
+            assert client.noop()[0] == 250
+    with smtplib.SMTP("127.0.0.1", site.port_nopki, timeout=10) as client:
+        ctx = site.client_context()
+        ctx.check_hostname = False
+        client.starttls(context=ctx)  # no SNI: the hostname's
+        assert client.sock is not None
+        peer = client.sock.getpeercert()  # type: ignore[attr-defined]
+        names = [value for kind, value in peer["subjectAltName"] if kind == "DNS"]
+        assert names == [OTHER]
 
 
 def test_starttls_with_swaks(site: Site) -> None:

@@ -87,6 +87,7 @@ class Builder:
         self.cmdline_macros = dict(macros)
         self.macros: dict[str, str] = dict(macros)
         self.issues: list[ConfigIssue] = []
+        self.relay_refs: list[tuple[str, str, Tok]] = []  # a relay's pki and ca names
         self.toks: list[Tok] = []
         self.tables: dict[str, TableDecl] = {}
         self.actions: dict[str, Action] = {}
@@ -281,6 +282,8 @@ class Builder:
             assert isinstance(param, Tree)
             kw, value = param.children
             assert isinstance(kw, Token) and isinstance(value, Token)
+            if kw.type == "STRING" and str(kw) not in ("protocol", "timeout"):
+                raise self.fail(kw, f'syntax error: unexpected "{kw}"')
             if str(kw) in found:
                 raise self.fail(kw, f"{kw} already specified for this {what}")
             found[str(kw)] = str(value)
@@ -335,6 +338,10 @@ class Builder:
         key = str(t.children[2]) if len(t.children) > 2 else None
         if key is not None and key.lower() in ("stdin", "-"):
             key = "stdin"
+        elif key is not None and len(key.encode()) != 32:  # smtpd 6.8: an AES-256 key
+            tok = t.children[2]
+            assert isinstance(tok, Token)
+            raise self.fail(tok, "invalid key for queue encryption (32 characters)")
         self.queue = replace(self.queue, encryption=True, encryption_key=key)
 
     def _st_queue_ttl(self, t: Tree[Token]) -> None:
@@ -495,10 +502,19 @@ class Builder:
         helpers = (f"{d}/table-{backend}" for d in PROC_TABLE_DIRS)
         if backend not in BUILTIN_BACKENDS and not any(map(os.path.exists, helpers)):
             raise self.fail(spec, f'table backend "{backend}" does not exist')
-        if backend == "db" and config is not None and not os.path.exists(config):
-            raise self.fail(
-                spec, f"invalid configuration file {config} for table {name}: no such file"
-            )
+        if backend == "db" and config is not None:
+            if not os.path.exists(config):
+                raise self.fail(
+                    spec, f"invalid configuration file {config} for table {name}: no such file"
+                )
+            from pigeon.tables.db import looks_like_map
+
+            if not looks_like_map(config):  # e.g. the text source, makemap not run
+                raise self.fail(
+                    spec,
+                    f"invalid configuration file {config} for table {name}: not a map "
+                    "built by makemap (run `pigeon makemap` or makemap(8) on its source)",
+                )
 
     def _st_table_proc_exec(self, t: Tree[Token]) -> None:
         """Pigeon: ``table NAME proc-exec "command line"`` runs the command as a proc table."""
@@ -723,7 +739,15 @@ class Builder:
         if pkis and not tls_mode:
             raise self.fail(iface, "invalid listen option: pki requires tls/smtps")
         if not pkis and tls_mode:
-            raise self.fail(iface, "invalid listen option: pki required for tls/smtps")
+            # smtpd 6.8 then uses the pki named after the listener's hostname, or "*"; the
+            # daemon checks that one exists (the default hostname is known only then).
+            host = opts.get("hostname")
+            if host is not None and host.lower() not in self.pkis and "*" not in self.pkis:
+                raise self.fail(
+                    iface,
+                    f"invalid listen option: tls/smtps without pki needs a pki named {host} "
+                    '(the hostname) or "*"',
+                )
         for name, tok in opts.pop("_pki_toks", []):
             if name not in self.pkis:
                 raise self.fail(tok, f"pki name not found: {name}")
@@ -754,7 +778,7 @@ class Builder:
         elif data == "opt_tag":
             once("tag", "tag already specified")
             assert isinstance(arg, Token)
-            if len(str(arg)) >= TAG_SIZE:
+            if len(str(arg)) > TAG_SIZE:  # smtpd 6.8 takes 32 characters
                 raise self.fail(arg, "tag name too long")
             opts["tag"] = str(arg)
         elif data == "opt_no_dsn":
@@ -795,11 +819,12 @@ class Builder:
             assert isinstance(arg, Token)
             if len(opts.get("pki", ())) >= 32:
                 raise self.fail(kw, "too many pki specified")
-            opts["pki"] = (*opts.get("pki", ()), str(arg))
-            opts.setdefault("_pki_toks", []).append((str(arg), arg))
+            # Names are case-insensitive, as smtpd 6.8 lower-cases both sides.
+            opts["pki"] = (*opts.get("pki", ()), str(arg).lower())
+            opts.setdefault("_pki_toks", []).append((str(arg).lower(), arg))
         elif data == "opt_ca":
             once("ca", "ca already specified")
-            opts["ca"] = str(arg)
+            opts["ca"] = str(arg).lower()
             opts["_ca_tok"] = arg
         elif data in ("opt_auth", "opt_auth_optional"):
             if "auth" in opts or "auth_optional" in opts:
@@ -891,8 +916,7 @@ class Builder:
                 raise self.fail(kw, "user may not be specified for this dispatcher")
             if kind in ("forward-only", "expand-only"):
                 raise self.fail(kw, f"user may not be specified for {kind}")
-            if "user" in fields or kind == "lmtp":
-                # lmtp actions run as the daemon user, which counts as already set
+            if "user" in fields:  # (smtpd 7.x also refuses it for lmtp; 6.8 takes it)
                 raise self.fail(kw, "user already specified for this dispatcher")
             fields["user"] = str(arg)
         elif opt.data in ("lo_alias", "lo_virtual"):
@@ -932,6 +956,9 @@ class Builder:
         if data in ("helo", "pki", "ca", "ciphers", "protocols", "mail_from"):
             once(data, data.replace("_", "-"))
             fields[data] = str(arg)
+            if data in ("pki", "ca"):
+                assert isinstance(arg, Token)
+                self.relay_refs.append((data, str(arg), self.tok(arg)))  # checked at the end
         elif data == "helo_src":
             once("helo_src", "helo-source mapping")
             assert isinstance(arg, Tree)
@@ -1022,6 +1049,9 @@ class Builder:
         if kind in ("from-auth", "from-mail-from", "for-rcpt-to"):
             # `from auth X` = `from any` + `auth X`; the negation applies to the second part
             sub = kind.split("-", 1)[1]
+            # One field for both, as in smtpd 6.8: `from auth X auth Y` is refused, while
+            # `auth Y from auth X` is taken (the later one counts).
+            seen.add(sub)
             criteria[category] = Criterion("from-any" if category == "from" else "for-any")
             criteria[sub] = Criterion(sub, negated, regex, table)
             return
@@ -1085,9 +1115,7 @@ class Builder:
                 self.issue(tok, f"failed to load CA file {ca.cert}: No such file")
 
     def _check_action_refs(self) -> None:
-        for action in self.actions.values():
-            where = ConfigIssue(self.filename, action.line, None, "")
-            if action.pki is not None and action.pki.lower() not in self.pkis:
-                self.issues.append(replace(where, message=f"pki name not found: {action.pki}"))
-            if action.ca is not None and action.ca.lower() not in self.cas:
-                self.issues.append(replace(where, message=f"ca name not found: {action.ca}"))
+        for kind, name, tok in self.relay_refs:
+            known = self.pkis if kind == "pki" else self.cas
+            if name.lower() not in known:
+                self.issue(tok, f"{kind} name not found: {name}")

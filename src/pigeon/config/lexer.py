@@ -8,15 +8,16 @@ The rules are subtle and users depend on them, so they are copied on purpose:
 * a word made only of digits (optionally after ``-``) is a NUMBER when followed by
   whitespace, ``)``, ``,``, ``/``, ``}``, ``=`` or the end of input; ``35M`` is a word;
 * a word that is a keyword is that keyword; quoting makes it a plain string;
-* inside quotes, ``\\`` before the quote character is dropped, ``\\`` before a newline
-  continues the line, any other backslash is kept (regexes survive unchanged). parse.y means
-  to drop it before a space or a tab too, but tests the backslash instead of the next
-  character, so ``"a\\ b"`` keeps its backslash in OpenSMTPD: so it does here;
-* outside quotes, ``\\`` + newline joins lines and ``\\`` + any other character yields that
-  character without the backslash;
-* ``$name`` at the start of a token is replaced by the macro value, which is lexed again
-  (macros do not expand inside macro values);
-* ``#`` at the start of a token comments out the rest of the line;
+* inside quotes, ``\\`` before the quote character, a space or a tab is dropped (Debian's
+  smtpd 6.8 turns ``"a\\ b"`` into ``a b``), ``\\`` before a newline continues the line,
+  any other backslash is kept (regexes survive unchanged);
+* outside quotes, ``\\`` + newline joins lines, ``\\`` + a blank is a blank, and ``\\`` +
+  any other character yields that character without the backslash;
+* ``$name`` at the start of a token is replaced by the macro value, put back into the input
+  and read on from there (``$h.example.com`` is one word); macros do not expand inside
+  macro values;
+* ``#`` at the start of a token comments out the rest of the line, read with the rules
+  above: a comment ending in ``\\`` goes on over the next line;
 * the end of each file produces one final newline token.
 """
 
@@ -33,9 +34,9 @@ KEYWORDS: frozenset[str] = frozenset(
     expand-only fcrdns filter for forward-only from group helo helo-src host hostname
     hostnames include inet4 inet6 junk key limit listen lmtp local mail-from maildir mask-src
     masquerade match max-deferred max-message-size mbox mda mta mx no-dsn no-verify noop on
-    phase pki port proc proc-exec protocol protocols proxy-v2 queue quit rcpt-to rdns received-auth
+    phase pki port proc proc-exec protocols proxy-v2 queue quit rcpt-to rdns received-auth
     recipient regex reject relay report rewrite rset scheduler senders smtp smtp-in smtp-out
-    smtps socket src srs sub-addr-delim table tag tagged timeout tls tls-require ttl user userbase
+    smtps socket src srs sub-addr-delim table tag tagged tls tls-require ttl user userbase
     verify virtual warn-interval wrapper""".split()  # noqa: SIM905
 )
 
@@ -93,14 +94,36 @@ class _Source:
         self.line = 1
         self.col = 1
         self.eof_reached = False
+        # A macro value spliced into the text (as parse.y pushes it back into its input):
+        # characters before ``expand_end`` sit at the ``$``'s position and are not expanded
+        # again; after them, columns go on as if the ``$name`` were still there.
+        self.expand_end = 0
+        self.col_after = 0
 
     def peek(self, ahead: int = 0) -> str:
         i = self.pos + ahead
         return self.text[i] if i < len(self.text) else ""
 
+    def expanding(self) -> bool:
+        return self.pos < self.expand_end
+
+    def splice(self, start: int, value: str) -> None:
+        """Replace ``text[start:pos]`` (a ``$name``) by ``value`` and read on from it."""
+        self.col_after = self.col
+        self.text = self.text[:start] + value + self.text[self.pos :]
+        self.col -= self.pos - start
+        self.pos = start
+        self.expand_end = start + len(value)
+        if not value:
+            self.col = self.col_after
+
     def advance(self) -> str:
         c = self.text[self.pos]
         self.pos += 1
+        if self.pos <= self.expand_end:
+            if self.pos == self.expand_end:
+                self.col = self.col_after
+            return c
         if c == "\n":
             self.line += 1
             self.col = 1
@@ -178,14 +201,20 @@ class Lexer:
         return None
 
     def _lex_one(self, src: _Source) -> Tok | None:
-        while src.peek() in (" ", "\t") or (src.peek() == "\\" and src.peek(1) == "\n"):
+        # "\" + newline joins lines and "\" + blank is a blank (parse.y's lgetc), so
+        # "listen on lo \ " (a blank after the backslash) still ends at the newline.
+        while src.peek() in (" ", "\t") or (src.peek() == "\\" and src.peek(1) in ("\n", " ", "\t")):
             if src.peek() == "\\":
                 src.advance()
             src.advance()
         line, col = src.line, src.col
         c = src.peek()
         if c == "#":
+            # Read as parse.y reads it, so a comment ending in "\" goes on over the next
+            # line (smtpd.conf(5): commenting out a continued statement comments it all).
             while src.peek() not in ("\n", ""):
+                if src.peek() == "\\" and src.peek(1):
+                    src.advance()
                 src.advance()
             c = src.peek()
         if not c:
@@ -193,7 +222,7 @@ class Lexer:
                 return None
             src.eof_reached = True
             return Tok("NL", "\n", src.name, line, col)
-        if c == "$" and not self._expanding:
+        if c == "$" and not self._expanding and not src.expanding():
             return self._macro_tokens(src, line, col)
         if c in ("'", '"'):
             return self._quoted(src, line, col)
@@ -217,6 +246,8 @@ class Lexer:
         if _alnum(c) or c in ":_":
             return self._word(src, line, col)
         c = self._getc_plain(src)
+        if not c:  # a backslash at the very end of the file: nothing
+            return self._lex_one(src)
         if c == "\n":
             return Tok("NL", "\n", src.name, line, col)
         if c in PUNCTUATION:
@@ -283,7 +314,7 @@ class Lexer:
                 nxt = src.peek()
                 if not nxt:
                     continue
-                if nxt == quote:
+                if nxt in (quote, " ", "\t"):
                     src.advance()
                     c = nxt
                 elif nxt == "\n":
@@ -299,6 +330,7 @@ class Lexer:
         return Tok("STRING", "".join(chars), src.name, line, col, quoted=True)
 
     def _macro_tokens(self, src: _Source, line: int, col: int) -> Tok | None:
+        start = src.pos
         src.advance()
         name_chars: list[str] = []
         while _alnum(src.peek()) or src.peek() == "_":
@@ -307,20 +339,9 @@ class Lexer:
         value = self._macro(name)
         if value is None:
             return self._error(src, line, col, f"macro '{name}' not defined")
-        # The value is lexed on its own, without macro expansion, and every token it yields
-        # is placed where the ``$`` was.
-        sub = Lexer(src.name, value, lambda _n: None, expanding=True)
-        sub._stack[0].eof_reached = True  # no NL at the end of a macro value
-        for tok in sub.tokens():
-            if tok.type == "NL":
-                continue
-            self._pending.append(
-                Tok(tok.type, tok.value, src.name, line, col, tok.quoted)
-                if tok.type != "ERROR"
-                else Tok("ERROR", tok.value, src.name, line, col)
-            )
-        if self._pending:
-            return self._pending.pop(0)
+        # The value goes back into the input in place of ``$name`` and is read on from
+        # there, so ``$h.example.com`` is one word, as in parse.y.
+        src.splice(start, value)
         return self._lex_one(src)
 
     def _error(self, src: _Source, line: int, col: int, message: str) -> Tok:

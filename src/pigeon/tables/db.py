@@ -219,6 +219,17 @@ def _text(raw: bytes) -> str:
     return raw.rstrip(b"\x00").decode("utf-8", "surrogateescape")
 
 
+def looks_like_map(path: str) -> bool:
+    """Whether ``path`` starts as one of the two map formats does (an unreadable file is
+    left to the daemon, which says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True
+    return head.startswith(SQLITE_MAGIC) or is_berkeley_hash(head)
+
+
 def open_map(path: str) -> MapFile | BerkeleyMap:
     """The map in ``path``, whichever of the two formats it is in."""
     try:

@@ -75,7 +75,9 @@ def parse_table_text(text: str, name: str = "<table>") -> ParsedTable:
             if value is not None and not forced_list:
                 raise TableFileError(f"{name}:{lineno}: invalid list entry (a key and a value)")
             values[line.lower() if value is not None else key.lower()] = None
-    return ParsedTable(kind or "list", tuple(values), tuple(mapping.items()))
+    # An empty file is a mapping, as smtpd 6.8 takes it (fine for aliases and virtual
+    # users, refused where a list is needed).
+    return ParsedTable(kind or "mapping", tuple(values), tuple(mapping.items()))
 
 
 def load_table_file(path: str) -> ParsedTable:
