@@ -675,9 +675,8 @@ class Daemon:
             raise SMTPError(451, "4.3.0", f"bad relay setting: {exc}") from exc
         client_cert = None
         pki = self.config.pkis.get(action.pki.lower()) if action.pki is not None else None
-        if pki is not None:
-            if pki.cert and pki.key:
-                client_cert = (pki.cert, pki.key)
+        if pki is not None and pki.cert and pki.key:
+            client_cert = (pki.cert, pki.key)
         return route_for(
             action,
             smarthost=smarthost,

@@ -203,7 +203,9 @@ class Lexer:
     def _lex_one(self, src: _Source) -> Tok | None:
         # "\" + newline joins lines and "\" + blank is a blank (parse.y's lgetc), so
         # "listen on lo \ " (a blank after the backslash) still ends at the newline.
-        while src.peek() in (" ", "\t") or (src.peek() == "\\" and src.peek(1) in ("\n", " ", "\t")):
+        while src.peek() in (" ", "\t") or (
+            src.peek() == "\\" and src.peek(1) in ("\n", " ", "\t")
+        ):
             if src.peek() == "\\":
                 src.advance()
             src.advance()
