@@ -294,10 +294,13 @@ def _ascii_upper(text: str) -> str:
 
 
 def _b64_text(text: str) -> str | None:
+    """A base64 AUTH response, or None if it is not base64. Bytes that are not UTF-8 (a
+    Latin-1 password) are kept as surrogates: the password check hashes the bytes sent."""
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):  # UnicodeError is a ValueError
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError):  # a non-ASCII line is a ValueError
         return None
+    return raw.decode("utf-8", "surrogateescape")
 
 
 class _State(enum.Enum):
@@ -336,6 +339,7 @@ class ServerConnection:
         self._peer = peer
         self._tls = tls_active
         self._state = _State.WAIT_GREETING
+        self._greeting_refused = False  # a 5xx banner: nothing but QUIT from now on
         self._buf = bytearray()
         self._out = bytearray()
         self._events: deque[Event] = deque()
@@ -394,8 +398,9 @@ class ServerConnection:
         return len(self._buf)
 
     def greeting(self, reply: Reply | None = None) -> None:
-        """Queue the banner; input is only processed after it. A non-220 reply (e.g. 554 or
-        421 from a connect filter) closes the session."""
+        """Queue the banner; input is only processed after it. A 5xx banner (a connect
+        filter's ``reject``) keeps the session open until QUIT, every other command getting
+        503 (RFC 5321 section 3.1; smtpd 6.8 does so); any other non-220 (421) closes it."""
         if self._state is _State.CLOSED:  # the peer left before we greeted it
             return
         if self._state is not _State.WAIT_GREETING:
@@ -404,7 +409,9 @@ class ServerConnection:
             reply = Reply(220, f"{self.config.hostname} ESMTP {self.config.software}")
         self._state = _State.COMMAND
         self._send(reply)
-        if reply.code != 220:
+        if 500 <= reply.code < 600:
+            self._greeting_refused = True
+        elif reply.code != 220:
             self._close()
 
     def receive_data(self, data: bytes) -> None:
@@ -619,7 +626,9 @@ class ServerConnection:
             word, _, rest = line.partition(" ")
             verb = _ascii_upper(word)
         args = rest.strip(" \t") or None
-        if verb in ("HELO", "EHLO"):
+        if self._greeting_refused and verb != "QUIT":
+            self._refuse(_printable(line), R_BAD_SEQUENCE)
+        elif verb in ("HELO", "EHLO"):
             self._cmd_helo(line, args, verb == "EHLO")
         elif verb == "MAIL FROM":
             self._cmd_mail(line, args)

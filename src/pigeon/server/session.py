@@ -598,7 +598,8 @@ class SMTPSession(asyncio.Protocol):
                 conn.reject(err.reply())
                 return
         result = "ok" if ok else "permfail"
-        log.info("%s smtp authentication user=%s result=%s", self.id, event.username, result)
+        user = event.username.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        log.info("%s smtp authentication user=%s result=%s", self.id, user, result)
         if ok:
             self.auth_user = event.username
             conn.accept()

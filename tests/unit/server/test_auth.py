@@ -228,3 +228,17 @@ class TestSenders:
 )
 def test_masquerade_from(value: str, expected: str) -> None:
     assert masquerade_from(value, "me@example.net") == expected
+
+
+def test_a_latin1_password_matches_the_hash_of_its_bytes() -> None:
+    """The SMTP state machine hands over credentials that are not UTF-8 as surrogates; the
+    check hashes the bytes the client sent, as crypt(3) would in smtpd."""
+    from pigeon.crypt_hash import sha_crypt, verify_password
+
+    hashed = sha_crypt(b"p\xe4ss", "$6$abcdefgh")
+    assert hashed is not None
+    sent = b"p\xe4ss".decode("utf-8", "surrogateescape")
+    assert verify_password(sent, hashed)
+    assert not verify_password("päss", hashed)  # the UTF-8 spelling is other bytes
+    bhash = bcrypt.hashpw(b"p\xe4ss", bcrypt.gensalt(rounds=4)).decode()
+    assert verify_password(sent, bhash)
