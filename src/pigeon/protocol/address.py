@@ -4,7 +4,7 @@ Pure string handling, no I/O. The rules follow OpenSMTPD's ``smtp_mailaddr()``,
 ``valid_localpart()`` and ``valid_domainpart()`` where they are stricter than the RFC
 (no trailing dot in a domain, ASCII-only unless SMTPUTF8), and the RFC where OpenSMTPD is
 sloppy (``<user@>`` is refused instead of silently becoming ``user@<hostname>``; quoted
-local parts are accepted).
+local parts are accepted, and one that needs no quotes is the unquoted mailbox).
 """
 
 from __future__ import annotations
@@ -194,7 +194,17 @@ def parse_mailbox(text: str, *, utf8: bool = False, default_domain: str | None =
         raise AddressError("bad local part")
     if not valid_domain(domain, utf8):
         raise AddressError("bad domain")
-    return Mailbox(local, domain)
+    return Mailbox(unquote_local_part(local, utf8), domain)
+
+
+def unquote_local_part(local: str, utf8: bool = False) -> str:
+    """``"alice"`` is the mailbox ``alice`` (RFC 5321 section 4.1.2: a quoted string that
+    needs no quoting is the same local part): looked up, matched and relayed unquoted. A
+    local part that needs its quotes (``"a b"``, ``"x@y"``) keeps them."""
+    if not local.startswith('"'):
+        return local
+    inner = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return inner if valid_dot_atom(inner, utf8) else local
 
 
 def parse_path(

@@ -174,3 +174,22 @@ def test_parse_path_never_raises_anything_else(text: str) -> None:
         return
     assert text.startswith("<")
     assert rest == rest.lstrip(" ")
+
+
+@pytest.mark.parametrize(
+    ("path", "address"),
+    [
+        ('<"alice"@example.test>', "alice@example.test"),  # needless quotes: the same mailbox
+        ('<"a.b"@example.test>', "a.b@example.test"),
+        ('<"a\\lice"@example.test>', "alice@example.test"),  # a quoted pair of a plain char
+        ('<"user%other"@example.test>', "user%other@example.test"),  # as if sent unquoted
+        ('<"a b"@example.test>', '"a b"@example.test'),  # needs its quotes: kept
+        ('<"x@y"@example.test>', '"x@y"@example.test'),  # an "@" inside: kept, never split
+        ('<".a"@example.test>', '".a"@example.test'),
+        ('<""@example.test>', '""@example.test'),
+    ],
+)
+def test_a_quoted_local_part_that_needs_no_quotes_is_the_unquoted_mailbox(
+    path: str, address: str
+) -> None:
+    assert parse_path(path, allow_null=False) == (address, "")
