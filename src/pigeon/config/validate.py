@@ -15,8 +15,9 @@ _SCALE = {
     "p": 1 << 50,
     "e": 1 << 60,
 }
-_SCALED = re.compile(r"^(-?\d+)(?:\.(\d+))?([bkmgtpe]?)$", re.IGNORECASE)
-_DELAY = re.compile(r"^(\d+)([smhd])$")
+# Leading blanks and a "+" are taken, as strtonum(3) and scan_scaled(3) take them.
+_SCALED = re.compile(r"^\s*\+?(-?\d+)(?:\.(\d+))?([bkmgtpe]?)$", re.IGNORECASE)
+_DELAY = re.compile(r"^\s*\+?(\d+)([smhd])$")
 _DELAY_FACTOR = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INT_MAX = 2**31 - 1
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?$")

@@ -23,12 +23,15 @@ OpenSMTPD (libtls) semantics kept here:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pigeon.config.model import Ca, Pki
+
+log = logging.getLogger("pigeon.tls")
 
 DEFAULT_CIPHERS = "HIGH:!aNULL:!MD5"  # OpenSMTPD's `smtp ciphers` default
 
@@ -134,6 +137,7 @@ def _load_keypair(context: ssl.SSLContext, pki: Pki) -> None:
     owner = f'pki "{pki.name}"'
     cert = _check_pem(owner, "certificate", pki.cert, "CERTIFICATE")
     key = _check_pem(owner, "key", pki.key, "PRIVATE KEY")
+    _warn_if_exposed(owner, key)
     try:
         context.load_cert_chain(cert, key, password=_refuse_passphrase)
     except TLSConfigError:
@@ -147,6 +151,23 @@ def _load_keypair(context: ssl.SSLContext, pki: Pki) -> None:
             f'{owner}: cannot load certificate "{cert}" with key "{key}": {exc.reason or exc}',
             cert,
         ) from None
+
+
+def _warn_if_exposed(owner: str, key: str) -> None:
+    """smtpd refuses a key file that is more open than rwxr----- (0740); Pigeon takes it,
+    but says so: anyone who can read it can impersonate this server."""
+    try:
+        mode = os.stat(key).st_mode & 0o777
+    except OSError:
+        return  # loading it says why
+    if mode & 0o037:
+        log.warning(
+            'warn: %s: key file "%s" has insecure permissions %04o (others or the group can '
+            "write or read it; smtpd refuses it): chmod 600 or 640",
+            owner,
+            key,
+            mode,
+        )
 
 
 def _load_ca(context: ssl.SSLContext, ca: Ca) -> None:

@@ -398,3 +398,19 @@ class TestBadFiles:
     def test_relay_client_certificate_errors_too(self, tmp_path: Path) -> None:
         with pytest.raises(TLSConfigError, match=r"nope\.crt"):
             client_context(verify=False, cert=Pki("c", cert=str(tmp_path / "nope.crt"), key="k"))
+
+
+def test_a_key_readable_by_others_is_taken_with_a_warning(
+    pems: Pems, caplog: pytest.LogCaptureFixture
+) -> None:
+    """smtpd 6.8 refuses a key file more open than 0740; Pigeon serves, and warns."""
+    pki = pems.pki("exposed", "exposed.test")
+    os.chmod(pki.key, 0o644)
+    with caplog.at_level("WARNING", logger="pigeon.tls"):
+        listener([pki])
+    assert f'key file "{pki.key}" has insecure permissions 0644' in caplog.text
+    caplog.clear()
+    os.chmod(pki.key, 0o640)
+    with caplog.at_level("WARNING", logger="pigeon.tls"):
+        listener([pki])
+    assert "insecure" not in caplog.text
