@@ -261,13 +261,20 @@ class Daemon:
         """A TLS listener without ``pki`` (smtpd 6.8): the pki named after its hostname, or
         the one named ``*``; the others too, chosen by the client's SNI name."""
         pkis = self.config.pkis
+        if not pkis:
+            raise TLSConfigError(f"listener for {hostname}: tls/smtps needs a pki declared")
         for default in (hostname.lower(), "*"):
             if default in pkis:
                 return [default, *(name for name in pkis if name != default)]
-        raise TLSConfigError(
-            f"listener for {hostname}: tls/smtps without pki needs a pki named {hostname} "
-            '(the hostname) or "*"'
+        # smtpd would fail every handshake here; serving the first pki keeps TLS working.
+        first = next(iter(pkis))
+        log.warning(
+            'warn: listener for %s: no pki named %s or "*": TLS uses pki %s',
+            hostname,
+            hostname,
+            first,
         )
+        return list(pkis)
 
     def _authenticator(self, ref: TableRef | None) -> CredentialsChecker:
         if ref is None:

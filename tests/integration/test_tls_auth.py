@@ -75,6 +75,7 @@ class Site:
         self.port_verify = free_port()
         self.port_mask = free_port()
         self.port_nopki = free_port()  # tls without pki: smtpd 6.8 takes the hostname's
+        self.port_nomatch = free_port()  # ... and no pki of that name: the first one
         config = f"""
 pki {MX} cert "{d / (MX + ".crt")}"
 pki {MX} key "{d / (MX + ".key")}"
@@ -92,6 +93,7 @@ listen on 127.0.0.1 port {self.port_verify} hostname {MX} tls-require verify pki
     ca clientca
 listen on 127.0.0.1 port {self.port_mask} hostname {MX} tls pki {MX} auth <creds> mask-src
 listen on 127.0.0.1 port {self.port_nopki} hostname {OTHER} tls
+listen on 127.0.0.1 port {self.port_nomatch} hostname nomatch.tls.test tls
 action "local" maildir userbase <users>
 match from any for domain "{DOMAIN}" action "local"
 """
@@ -238,6 +240,17 @@ def test_tls_without_pki_serves_the_certificate_of_the_listener_hostname(site: S
         peer = client.sock.getpeercert()  # type: ignore[attr-defined]
         names = [value for kind, value in peer["subjectAltName"] if kind == "DNS"]
         assert names == [OTHER]
+
+
+def test_tls_without_pki_and_no_pki_of_its_name_serves_the_first_with_a_warning(
+    site: Site,
+) -> None:
+    """smtpd 6.8 takes such a config and fails every handshake; Pigeon keeps TLS working."""
+    assert 'no pki named nomatch.tls.test or "*": TLS uses pki ' + MX in site.daemon.log()
+    with smtplib.SMTP("127.0.0.1", site.port_nomatch, timeout=10) as client:
+        client._host = MX  # type: ignore[attr-defined]
+        client.starttls(context=site.client_context())
+        assert client.noop()[0] == 250
 
 
 def test_starttls_with_swaks(site: Site) -> None:

@@ -738,16 +738,10 @@ class Builder:
         pkis = opts.get("pki", ())
         if pkis and not tls_mode:
             raise self.fail(iface, "invalid listen option: pki requires tls/smtps")
-        if not pkis and tls_mode:
+        if not pkis and tls_mode and not self.pkis:
             # smtpd 6.8 then uses the pki named after the listener's hostname, or "*"; the
-            # daemon checks that one exists (the default hostname is known only then).
-            host = opts.get("hostname")
-            if host is not None and host.lower() not in self.pkis and "*" not in self.pkis:
-                raise self.fail(
-                    iface,
-                    f"invalid listen option: tls/smtps without pki needs a pki named {host} "
-                    '(the hostname) or "*"',
-                )
+            # daemon picks it (the default hostname is known only then).
+            raise self.fail(iface, "invalid listen option: tls/smtps needs a pki declared")
         for name, tok in opts.pop("_pki_toks", []):
             if name not in self.pkis:
                 raise self.fail(tok, f"pki name not found: {name}")
