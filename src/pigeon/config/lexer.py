@@ -245,8 +245,9 @@ class Lexer:
                 src.advance()
                 return Tok("ARROW", "=>", src.name, line, col)
             return Tok("EQ", "=", src.name, line, col)
-        if _alnum(c) or c in ":_":
-            return self._word(src, line, col)
+        nxt = src.peek(1)
+        if _alnum(c) or c in ":_" or (c == "\\" and (_alnum(nxt) or nxt in (":", "_"))):
+            return self._word(src, line, col)  # "\maildir" is "maildir", as in parse.y
         c = self._getc_plain(src)
         if not c:  # a backslash at the very end of the file: nothing
             return self._lex_one(src)

@@ -81,6 +81,8 @@ def test_a_backslash_before_a_blank_is_a_blank() -> None:
     assert config.listeners[1].interface == "lo"
     config = parse('action "a\\ b" maildir\nmatch for any action "a b"\n')
     assert "a b" in config.actions
+    config = parse('action "l" \\maildir\nmatch for any action "l"\n')  # an escaped letter
+    assert config.actions["l"].method == "maildir"
 
 
 def test_a_macro_and_the_characters_after_it_make_one_word() -> None:
