@@ -37,7 +37,7 @@ from pigeon.queue.envelope import (
 )
 from pigeon.queue.journal import JournalStore, QueueError
 from pigeon.reload import Reloader
-from pigeon.rules.expand import Expander
+from pigeon.rules.expand import DAEMON_ACCOUNT, Expander
 from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.scheduler import policy
 from pigeon.scheduler.scheduler import Clock, Outcome, Scheduler
@@ -711,16 +711,26 @@ class Daemon:
         return await deliver_local(target, env, body)
 
     async def local_target(self, env: Envelope, action: Action) -> LocalTarget:
-        name = action.user or env.mda_user or env.dest.rpartition("@")[0]
+        if env.mda_exec:
+            # An alias or .forward target: "|command" or "/path/to/mbox-file", run as the
+            # .forward's owner, the action's `user`, or for an alias the daemon's account.
+            if env.mda_user == DAEMON_ACCOUNT and not action.user:
+                user = daemon_account()
+            else:
+                user = await self._account(action, action.user or env.mda_user)
+            if env.mda_exec.startswith("|"):
+                return LocalTarget("mda", env.mda_exec[1:], user)
+            return LocalTarget("mbox", env.mda_exec, user)
+        # The recipient's account gives the formats (%{user.*}, ~) and the mailbox; the
+        # action's `user`, if any, only the uid and gid the delivery runs with (smtpd).
+        name = env.mda_user or env.dest.rpartition("@")[0]
         info = await self.expander.user_info(action, name)
         if info is None:
             raise SMTPError(550, "5.1.1", f"user unknown: {name}")
         user = LocalUser(info.name, info.uid, info.gid, info.home)
-        if env.mda_exec:
-            # An alias or .forward target: "|command" or "/path/to/mbox-file".
-            if env.mda_exec.startswith("|"):
-                return LocalTarget("mda", env.mda_exec[1:], user)
-            return LocalTarget("mbox", env.mda_exec, user)
+        if action.user and action.user != info.name:
+            runs_as = await self._account(action, action.user)
+            user = LocalUser(info.name, runs_as.uid, runs_as.gid, info.home)
         ctx = FormatContext(
             sender=env.sender,
             rcpt=env.rcpt,
@@ -746,6 +756,16 @@ class Daemon:
         if action.method == "mda":
             return LocalTarget("mda", expand(action.mda_command or ""), user)
         raise SMTPError(550, "5.3.0", f"cannot deliver locally with {action.method}")
+
+    async def _account(self, action: Action, name: str) -> LocalUser:
+        """The account an action's ``user`` (or a .forward's owner) names: a system user
+        first, as smtpd's getpwnam, else one of the action's userbase."""
+        info = await self.expander.userinfo(name) if name == action.user else None
+        if info is None:
+            info = await self.expander.user_info(action, name)
+        if info is None:
+            raise SMTPError(550, "5.1.1", f"user unknown: {name}")
+        return LocalUser(info.name, info.uid, info.gid, info.home)
 
     def _due_reports(
         self,
@@ -953,3 +973,18 @@ class Daemon:
             self.store.release_msgid(msgid)
         self._accepted(envelopes)
         return msgid
+
+
+def daemon_account() -> LocalUser:
+    """Who an alias's commands and files run as: the account a root-started daemon drops
+    to (smtpd: its own user), ``nobody`` for one kept as root, else the daemon's user."""
+    import os
+    import pwd
+
+    from pigeon import privsep
+
+    dropped = privsep.run_as()
+    if dropped is not None:
+        return LocalUser(dropped.name, dropped.uid, dropped.gid, dropped.home)
+    entry = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    return LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)

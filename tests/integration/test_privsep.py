@@ -58,14 +58,30 @@ class Site:
         self.filter_log.touch()
         self.filter_log.chmod(0o666)  # the filter writes it as nobody, then as the daemon user
         recorder = Path(__file__).parent / "filterbin" / "recorder.py"
+        self.pipe_out = self.mail / "pipe.out"
+        self.pipe_out.touch()
+        self.pipe_out.chmod(0o666)
+        (self.work.path / "aliases").write_text(f'lists: "|id -u >> {self.pipe_out}"\n')
+        (self.work.path / "virt").write_text(f'@v.privsep.test "|id -u >> {self.pipe_out}"\n')
+        self.as_dir = self.mail / "as"
+        self.as_dir.mkdir()
+        self.as_dir.chmod(0o777)
         config = f"""
 table users file:{users}
+table aliases file:{self.work.path / "aliases"}
+table virt file:{self.work.path / "virt"}
 filter rec proc-exec "/usr/bin/python3 {recorder} {self.filter_log}" user {FILTER_USER}
 listen on 127.0.0.1 port {self.port} hostname mx.privsep.test
 listen on 127.0.0.1 port {self.filtered_port} hostname mx.privsep.test filter rec
 action "local" maildir userbase <users>
 action "mda" mda "id -u > {self.mda_out}; cat >> {self.mda_out}" userbase <users>
+action "lists" maildir userbase <users> alias <aliases>
+action "virt" maildir userbase <users> virtual <virt>
+action "as" maildir "{self.as_dir}/%{{user.username}}" userbase <users> user {RUN_AS}
 match from any for rcpt-to "mdauser@mx.privsep.test" action "mda"
+match from any for rcpt-to "lists@mx.privsep.test" action "lists"
+match from any for domain "v.privsep.test" action "virt"
+match from any for domain "as.privsep.test" action "as"
 match from any for domain "mx.privsep.test" action "local"
 """
         self.daemon = PigeonDaemon(self.work.path, config, port=self.port, extra=["--user", RUN_AS])
@@ -156,6 +172,33 @@ def test_no_delivery_as_root(site: Site) -> None:
     assert not (site.mail / "toor").exists()
 
 
+def test_an_alias_command_runs_as_the_daemon_account_not_as_the_alias_or_recipient(
+    site: Site,
+) -> None:
+    """smtpd runs an alias's |command as its own user: Pigeon as the account it dropped to.
+    Before, `lists: |cmd` looked for a `lists` account (mailing lists bounced), and a
+    catch-all `@domain |cmd` ran as whichever user the sender named."""
+    site.send("lists@mx.privsep.test")
+    site.send("alice@v.privsep.test")
+    wait_for(lambda: len(site.pipe_out.read_text().split()) >= 2, timeout=20, what="two pipe runs")
+    assert site.pipe_out.read_text().split() == [str(site.user.pw_uid)] * 2
+    assert site.user.pw_uid != site.mail_uid  # alice's uid would have been the mail uid
+
+
+def test_user_option_gives_the_uid_and_the_recipient_keeps_its_mailbox(site: Site) -> None:
+    """`maildir ".../%{user.username}" user daemon`: each recipient its own maildir, the
+    files written as `daemon` (before, every user's mail went to .../daemon)."""
+    site.send("alice@as.privsep.test")
+    site.send("mdauser@as.privsep.test")
+    for name in ("alice", "mdauser"):
+        wait_for(lambda n=name: maildir_messages(site.as_dir / n), what=f"{name}'s maildir")
+        [path] = list((site.as_dir / name / "new").iterdir())
+        assert path.stat().st_uid == site.user.pw_uid
+    assert not (site.as_dir / RUN_AS).exists()
+    with pytest.raises(smtplib.SMTPRecipientsRefused):  # not a user: 550, as in smtpd
+        site.send("nosuchuser@as.privsep.test")
+
+
 def _filters(site: Site) -> list[int]:
     """The recorder filter's processes: the daemon's children, or the helper's (restarts)."""
     assert site.daemon.proc is not None
@@ -189,12 +232,12 @@ def test_a_filter_restarted_after_the_drop_runs_as_its_user(site: Site) -> None:
     its own user, it comes back as its `user` still, started by the root helper (the
     configuration named it at start), and the filtered listener keeps taking mail."""
     nobody = pwd.getpwnam(FILTER_USER).pw_uid
-    wait_for(lambda: _filters(site), what="the filter process")
+    wait_for(lambda: len(_filters(site)) == 1, what="the filter process (one)")
     [first] = _filters(site)
     assert _status_ids(first, "Uid")[0] == nobody
     os.kill(first, signal.SIGKILL)
     wait_for(
-        lambda: _filters(site) and _filters(site) != [first],
+        lambda: len(_filters(site)) == 1 and _filters(site) != [first],
         timeout=30,
         what="the restarted filter",
     )
@@ -211,11 +254,11 @@ def test_a_filter_restarted_after_the_drop_runs_as_its_user(site: Site) -> None:
 def test_a_killed_helper_started_filter_is_replaced_and_reaped(site: Site) -> None:
     """The daemon cannot signal a process of another user: it asks the helper, which also
     reaps it (no zombie is left behind)."""
-    wait_for(lambda: _filters(site), what="the filter process")
+    wait_for(lambda: len(_filters(site)) == 1, what="the filter process (one)")
     [current] = _filters(site)
     os.kill(current, signal.SIGKILL)
     wait_for(
-        lambda: _filters(site) and _filters(site) != [current],
+        lambda: len(_filters(site)) == 1 and _filters(site) != [current],
         timeout=30,
         what="another restart",
     )

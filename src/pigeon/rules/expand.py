@@ -31,6 +31,9 @@ from pigeon.tables.base import Service, Table, TableError, TableResolver
 from pigeon.tables.static import split_mailaddr
 
 EXPAND_DEPTH = 10
+# The delivery user of an alias's "|command" or "/file": the daemon's own unprivileged
+# account (no user name can contain "<"); smtpd runs them as its user too.
+DAEMON_ACCOUNT = "<daemon>"
 MAX_NODES = 100  # per alias/forward value
 FORWARD_MAX_SIZE = 4096
 _USER_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
@@ -274,7 +277,9 @@ class Expander:
             nodes = await self._virtual_lookup(action, user.lower(), domain.lower())
             if nodes is None:
                 raise _expansion_problem(rcpt)
-            await self._children(run, nodes, address, depth + 1, action, parent_user=None)
+            await self._children(
+                run, nodes, address, depth + 1, action, parent_user=None, owner=None
+            )
             return
         await self._username(run, user.lower(), address, depth, internal, action, parent_user=None)
 
@@ -300,18 +305,22 @@ class Expander:
             elif action.virtual is not None:
                 nodes = await self._virtual_lookup(action, name, "")
             if nodes is not None:
-                await self._children(run, nodes, dest, depth + 1, action, parent_user=name)
+                # an alias list belongs to no user: its commands and files run as the
+                # daemon's account (smtpd: its own user), whoever the recipient is
+                await self._children(
+                    run, nodes, dest, depth + 1, action, parent_user=name, owner=None
+                )
                 return
         base, _, tag = name.partition(self.delim)
         subaddress = tag or None
-        if action.user is not None or action.method == "lmtp":
-            # the action delivers as a fixed user: no per-recipient account or .forward.
+        if action.method == "lmtp":
             # LMTP names the user the address resolved to (after alias or virtual), as
-            # smtpd's mail.lmtp -u, unless the action has a user of its own.
-            if action.method in ("forward-only", "expand-only"):  # pragma: no cover
-                raise _invalid(rcpt)
+            # smtpd's mail.lmtp -u, unless the action has a user of its own; the LMTP
+            # server knows its users: no local account or .forward here.
             self._deliver(run, action, dest, action.user or base, None, subaddress, internal)
             return
+        # With `user NAME` too the recipient must be a user (its formats, its .forward):
+        # NAME only gives the delivery its uid and gid, as in smtpd.
         info = await self._user_lookup(action, base)
         if info is None:
             raise _invalid(rcpt)
@@ -324,7 +333,9 @@ class Expander:
                 n.kind in ("pipe", "filename", "error") for n in forward_nodes
             ):
                 raise SMTPError(424, "4.2.4", f"Mailing list expansion problem: <{rcpt}>")
-            await self._children(run, forward_nodes, dest, depth + 1, action, parent_user=base)
+            await self._children(
+                run, forward_nodes, dest, depth + 1, action, parent_user=base, owner=info.name
+            )
             return
         if action.method == "forward-only":
             raise SMTPError(424, "4.2.4", f"Mailing list expansion problem: <{rcpt}>")
@@ -340,7 +351,11 @@ class Expander:
         depth: int,
         action: Action,
         parent_user: str | None,
+        owner: str | None,
     ) -> None:
+        """``owner``: the user whose ``.forward`` gave ``nodes`` (its commands and files
+        run as that user); None for an alias or virtual list (they run as the daemon's
+        account, :data:`DAEMON_ACCOUNT`)."""
         rcpt = run.ctx.rcpt_to
         if depth >= EXPAND_DEPTH:
             raise _expansion_problem(rcpt)
@@ -355,11 +370,11 @@ class Expander:
                 if action.method == "forward-only":
                     raise SMTPError(424, "4.2.4", f"Mailing list expansion problem: <{rcpt}>")
                 exec_ = f"|{node.value}" if node.kind == "pipe" else node.value
-                user = action.user or parent_user
+                user = action.user or owner or DAEMON_ACCOUNT
                 self._deliver(run, action, dest, user, exec_, None, True)
             elif node.kind == "include":
                 included = await self._read_include(node.value)
-                await self._children(run, included, dest, depth + 1, action, parent_user)
+                await self._children(run, included, dest, depth + 1, action, parent_user, owner)
 
     # -- lookups -----------------------------------------------------------------------
 

@@ -90,8 +90,10 @@ def test_aliases_users_addresses_pipes_files_and_rematching(tmp_path: Path) -> N
         ("local", "Postmaster@example.org", "bob", None),
         ("local", "carol@example.org", "carol", None),
         ("out", "dave@remote.example", None, None),
-        ("local", "Postmaster@example.org", "root", "|/usr/bin/log"),
-        ("local", "Postmaster@example.org", "root", "/var/log/mail.txt"),
+        # an alias's commands and files run as the daemon's account, not as the alias key
+        # (smtpd: its own user); a `root` account is never involved
+        ("local", "Postmaster@example.org", "<daemon>", "|/usr/bin/log"),
+        ("local", "Postmaster@example.org", "<daemon>", "/var/log/mail.txt"),
     ]
     assert all(d.internal for d in result) and {d.rcpt for d in result} == {
         "Postmaster@example.org"
@@ -211,7 +213,10 @@ def test_userbase_table_and_fixed_user(tmp_path: Path) -> None:
     env = Env(conf, tmp_path)
     assert [d.user for d in env.expand("zed@example.org")] == ["zed"]
     assert env.fails("bob@example.org").code == 550  # not in that user base
-    assert [d.user for d in env.expand("anyone@example.net")] == ["vmail"]
+    # `user vmail` gives the delivery vmail's uid and gid only (the daemon's local_target):
+    # the recipient must still be a user, as in smtpd 6.8, and stays the one delivered to
+    assert [d.user for d in env.expand("bob@example.net")] == ["bob"]
+    assert env.fails("anyone@example.net").code == 550
 
 
 FORWARDING = (
