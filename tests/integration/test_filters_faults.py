@@ -110,3 +110,33 @@ def test_filter_originated_report_line_is_broadcast_not_fatal(site: Site) -> Non
     wait_for(lambda: site.delivered("reported"), what="reported")
     wait_for(lambda: "|filter-report|" in site.seen.read_text(), what="filter-report")
     assert "|proc|faulty|hello from the filter" in site.seen.read_text()
+
+
+def test_a_client_leaving_at_once_is_no_filter_failure_and_disconnect_is_last(
+    site: Site,
+) -> None:
+    """A port scanner connects and closes while the connect request is with the filter:
+    not a filter failure (no restart, no 421 for the filter's other sessions), and nothing
+    reaches the filter after that session's link-disconnect (filters drop the session there
+    and may die on a later event; smtpd sends none)."""
+    import socket
+
+    calm = site.logs / "calm.log"
+    wait_for(lambda: calm.exists(), what="the calm filter")
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", site.other), timeout=5):
+            pass
+    time.sleep(1.0)
+    send(site.other, "ok@example.net", "after the scanner")
+    lines = calm.read_text().splitlines()
+    disconnected: set[str] = set()
+    for line in lines:
+        fields = line.split("|")
+        if fields[0] not in ("report", "filter") or len(fields) < 6:
+            continue
+        session = fields[5]
+        assert session not in disconnected, f"after link-disconnect: {line}"
+        if fields[0] == "report" and fields[4] == "link-disconnect":
+            disconnected.add(session)
+    assert len(disconnected) >= 30
+    assert "filter-failure filter=calm" not in site.daemon.log()

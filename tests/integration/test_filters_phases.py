@@ -132,6 +132,20 @@ def test_auth_phase_gets_the_arguments_as_sent(site: Site) -> None:
     assert f"auth|PLAIN {blob}" in site.lines()
 
 
+def test_link_tls_is_version_cipher_bits_as_smtpd(site: Site) -> None:
+    """Three fields, as smtpd 6.8 and 7.x send (Pigeon sent a fourth, the client
+    certificate check, which a filter reading the last field as the bits would choke on)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP_SSL("127.0.0.1", site.smtps, timeout=15, context=context) as client:
+        client.ehlo("client.example.net")
+    wait_for(lambda: any(x.startswith("link-tls|") for x in site.lines()), what="link-tls")
+    value = next(x for x in site.lines() if x.startswith("link-tls|")).split("|", 1)[1]
+    version, cipher, bits = value.split(":")
+    assert version.startswith("TLSv1.") and cipher and bits.isdigit()
+
+
 def test_auth_phase_is_asked_at_the_command_before_credentials(site: Site) -> None:
     """As smtpd: a filter refusing AUTH LOGIN answers the AUTH line itself; no 334
     challenge, so the client never sends a credential."""

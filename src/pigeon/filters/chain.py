@@ -97,6 +97,7 @@ class FilterSession:
     junk_tx: bool = False
     in_tx: bool = False
     failed: bool = False  # a filter failed us: every later phase gets FILTER_TEMPFAIL
+    closed: bool = False  # link-disconnect sent: nothing more goes to the filters
     _generations: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -109,6 +110,8 @@ class FilterSession:
         return any(p.wants_report(event) for p in self.chain.procs)
 
     def report(self, event: filterproto.ReportEvent) -> None:
+        if self.closed:  # smtpd sends nothing after link-disconnect; filters count on it
+            return
         now = time.time()
         for proc in self.chain.procs:
             proc.report(now, self.id, event)
@@ -122,6 +125,7 @@ class FilterSession:
 
     def close(self) -> None:
         self.report(filterproto.LinkDisconnect())
+        self.closed = True
         for proc in self.chain.procs:
             proc.close_session(self.id)
         self.manager.sessions.pop(self.id, None)
@@ -209,6 +213,8 @@ class FilterSession:
         try:
             result = await proc.request(self.id, phase, param)
         except FilterFailure as exc:
+            if self.closed:  # the client left while the filter thought: not its fault
+                return Verdict("disconnect", FILTER_TEMPFAIL)
             return self._fail(proc, str(exc))
         finally:
             metrics.observe("filter_seconds", time.monotonic() - start, filter=proc.name)
@@ -257,6 +263,8 @@ class FilterSession:
             try:
                 lines = await proc.data_lines(self.id, lines)
             except FilterFailure as exc:
+                if self.closed:
+                    return Verdict("disconnect", FILTER_TEMPFAIL)
                 return self._fail(proc, str(exc))
             finally:
                 metrics.observe("filter_seconds", time.monotonic() - start, filter=proc.name)

@@ -90,6 +90,8 @@ class SessionFilters:
         if verdict.stops:
             conn.greeting(verdict.reply or FILTER_TEMPFAIL)
             return
+        if session.tls_info is not None:  # smtps: the handshake came before the banner
+            self.fs.report(filterproto.LinkTls(_link_tls(session.tls_info)))
         conn.greeting()
         self.fs.report(filterproto.LinkGreeting(session.listener.hostname))
 
@@ -175,7 +177,7 @@ class SessionFilters:
                 return
             await session._dispatch_async(event)
             if session.tls_info is not None and self._conn.tls_active:
-                self.fs.report(filterproto.LinkTls(session.tls_info))
+                self.fs.report(filterproto.LinkTls(_link_tls(session.tls_info)))
         elif isinstance(event, proto.FilteredCommand):
             await self._command(event)
         elif isinstance(event, proto.AuthCredentials):
@@ -336,3 +338,9 @@ class SessionFilters:
         self._answer(verdict, FILTER_TEMPFAIL)
         self.session._abort_transaction()
         self._end_tx(rollback=True)
+
+
+def _link_tls(description: str) -> str:
+    """smtpd's link-tls is VERSION:CIPHER:BITS; the session's description also ends in the
+    client certificate check (for the Received header), left out here."""
+    return description.rsplit(":", 1)[0]

@@ -56,5 +56,10 @@ def refuse_some(session: Session, param: str) -> Decision:
     return proceed()
 
 
+@f.on_report("link-tls")
+def tls(session: Session, line: object) -> None:
+    note("link-tls", getattr(getattr(line, "event", None), "tls", ""))
+
+
 if __name__ == "__main__":
     f.run()
