@@ -266,6 +266,25 @@ def test_proc_filter_sees_reports_requests_and_data_lines(site: Site) -> None:
     assert mail.endswith("|ok|sender@example.net")  # 0.6+ order: result before address
 
 
+def test_date_and_message_id_are_added_after_the_filters(site: Site) -> None:
+    """A local submission without Date and Message-ID gets them, at the end of its header
+    and after the filter chain, as smtpd: rspamd behind filter-rspamd must see them missing
+    (MISSING_DATE, MISSING_MID), not Pigeon's own."""
+    message = deliver(site, "proc", "no-date-no-mid")
+    stream = [
+        ln.split("|", 7)[7]
+        for ln in site.record.read_text().splitlines()
+        if "|data-line|" in ln and ln.startswith("filter|")
+    ]
+    start = max(i for i, line in enumerate(stream) if line.startswith("Received: from"))
+    seen = stream[start : stream.index("", start)]
+    assert "Subject: no-date-no-mid" in seen
+    assert not any(line.startswith(("Date:", "Message-ID:")) for line in seen)
+    head = message.split(b"\n\n", 1)[0].split(b"\n")
+    names = [line.split(b":", 1)[0] for line in head if not line[:1].isspace()]
+    assert names[-3:] == [b"Subject", b"Date", b"Message-ID"]  # appended after the client's
+
+
 def test_protocol_06_option_speaks_06(site: Site) -> None:
     deliver(site, "proc06", "proc-06")
     text = site.record06.read_text()

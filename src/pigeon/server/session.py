@@ -472,16 +472,33 @@ class SMTPSession(asyncio.Protocol):
         )
         if self.listener.masquerade and self.auth_user is not None:
             first = _masquerade(first, txn.sender)
-        head = received_header(info)
-        if self.local or self.auth_user is not None or self.listener.socket:
-            # Submission from our own host or a user: complete what a bare client left out.
-            if not _has_header(first, b"date"):
-                from email.utils import formatdate
+        return [received_header(info), first, *parts[1:]]
 
-                head += f"Date: {formatdate(localtime=True)}\r\n".encode()
-            if not _has_header(first, b"message-id"):
-                head += f"Message-ID: <{self.id}@{self.listener.hostname}>\r\n".encode()
-        return [head, first, *parts[1:]]
+    def _complete_headers(self, message: list[bytes]) -> list[bytes]:
+        """Submission from our own host or a user: add the Date and Message-ID a bare client
+        left out, at the end of the header section and after the filters (as smtpd does:
+        rspamd must still see them missing)."""
+        if not (self.local or self.auth_user is not None or self.listener.socket):
+            return message
+        # The header section is in the first part (filtered) or the first two (ours, then
+        # the client's, see _build_message).
+        at = 1 if len(message) > 1 else 0
+        part = message[at]
+        extra = b""
+        if not any(_has_header(p, b"date") for p in message[: at + 1]):
+            from email.utils import formatdate
+
+            extra += f"Date: {formatdate(localtime=True)}\r\n".encode()
+        if not any(_has_header(p, b"message-id") for p in message[: at + 1]):
+            extra += f"Message-ID: <{self.id}@{self.listener.hostname}>\r\n".encode()
+        if not extra:
+            return message
+        if part.startswith(b"\r\n"):  # no header of the client's own
+            cut = 0
+        else:
+            end = part.find(b"\r\n\r\n")
+            cut = len(part) if end < 0 else end + 2
+        return [*message[:at], part[:cut] + extra + part[cut:], *message[at + 1 :]]
 
     async def _message_end(self) -> None:
         conn = self.conn
@@ -505,6 +522,7 @@ class SMTPSession(asyncio.Protocol):
             if filtered is None:
                 return  # a filter refused it and answered the client
             message = [filtered]
+        message = self._complete_headers(message)
         self.txn = None
         size = sum(map(len, message))
         try:
