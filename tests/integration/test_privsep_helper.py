@@ -109,3 +109,35 @@ def test_forked_helper_delivers_and_exits_on_eof(work: Workdir) -> None:
         time.sleep(0.05)
     os.kill(client.pid, 9)
     raise AssertionError("helper did not exit after EOF")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a mailbox for a user needs root")
+def test_a_first_mbox_delivery_creates_the_users_file_in_a_debian_mail_spool(
+    work: Workdir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's /var/mail is root:mail 2775: a user cannot create its own mailbox there, so
+    the first mail stayed queued. As mail.local does, root creates it (0600, the user's);
+    a path that is not the user's own spool file is never created as root."""
+    import grp
+
+    from pigeon.delivery import local
+
+    spool = work.path / "var-mail"
+    spool.mkdir()
+    os.chown(spool, 0, grp.getgrnam("mail").gr_gid)
+    os.chmod(spool, 0o2775)
+    monkeypatch.setattr(local, "MAIL_SPOOL", str(spool))
+    uid, gid = mail_uid_gid()
+    name = "alice"
+    user = LocalUser(name, uid, gid, str(work.path))
+    env = Envelope(
+        evpid=1, dispatcher="d", type="mda", sender="s@x", rcpt="a@y", dest="a@y", ctime=0
+    )
+    mbox = spool / name
+    outcome = asyncio.run(local.deliver(LocalTarget("mbox", str(mbox), user), env, b"hi\r\n"))
+    assert outcome.status == "ok", outcome
+    assert mbox.stat().st_uid == uid and mbox.stat().st_mode & 0o777 == 0o600
+    assert b"hi" in mbox.read_bytes()
+    other = spool / "elsewhere"  # e.g. a .forward naming another file there: not created
+    outcome = asyncio.run(local.deliver(LocalTarget("mbox", str(other), user), env, b"x\r\n"))
+    assert outcome.status != "ok" and not other.exists()

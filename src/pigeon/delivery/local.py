@@ -137,6 +137,25 @@ def _exit_outcome(code: int | None, last: str) -> Outcome:
     return Outcome.permfail(f'Error (permanent failure: "{last}")')
 
 
+MAIL_SPOOL = "/var/mail"
+
+
+def _create_spool_mbox(path: str, user: LocalUser) -> None:
+    """As mail.local does with root: create the user's own ``/var/mail/USER``, which the
+    user cannot (Debian's /var/mail is root:mail 2775), mode 0600 and theirs. Nothing else
+    is ever created as root (a .forward names any path)."""
+    if path != f"{MAIL_SPOOL}/{user.name}" or "/" in user.name or user.name in ("", ".", ".."):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return  # there already, or not possible: the delivery says why
+    try:
+        os.fchown(fd, user.uid, user.gid)
+    finally:
+        os.close(fd)
+
+
 async def deliver(target: LocalTarget, env: Envelope, body: bytes) -> Outcome:
     """Deliver one envelope locally; never raises for delivery problems."""
     if target.user.uid == 0 and os.geteuid() == 0:
@@ -157,6 +176,8 @@ async def deliver(target: LocalTarget, env: Envelope, body: bytes) -> Outcome:
     if target.method not in ("maildir", "mbox"):
         return Outcome.permfail(f"unsupported delivery method {target.method}")
     if _switch_user(target.user):
+        if target.method == "mbox":
+            _create_spool_mbox(target.target, target.user)
         argv = [sys.executable, "-m", "pigeon.delivery.helper", target.method, target.target]
         if target.method == "maildir":
             if target.junk:
