@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pigeon import metrics
@@ -309,6 +309,15 @@ class Daemon:
             self.scheduler.add(env)
         count = len(self.scheduler.envelopes())
         log.info("info: Pigeon starting, %d envelope(s) in the queue", count)
+        for action in self.config.actions.values():
+            if action.wrapper and action.method != "mda":
+                log.warning(
+                    'warn: action "%s": wrapper %s applies to mda deliveries only: its %s '
+                    "deliveries do not go through it",
+                    action.name,
+                    action.wrapper,
+                    action.method,
+                )
         if self.config.queue.encryption:  # said at every start: the admin asked for it
             log.warning(
                 "warn: queue encryption is not supported: messages are stored unencrypted "
@@ -754,7 +763,12 @@ class Daemon:
         if action.method == "mbox":
             return LocalTarget("mbox", f"/var/mail/{info.name}", user)
         if action.method == "mda":
-            return LocalTarget("mda", expand(action.mda_command or ""), user)
+            command = expand(action.mda_command or "")
+            wrapper = self.config.mda_wrappers.get(action.wrapper) if action.wrapper else None
+            if wrapper is not None:  # `mda wrapper NAME "cmd %{mda}"`: run instead
+                ctx = replace(ctx, mda=command)
+                command = expand(wrapper)
+            return LocalTarget("mda", command, user)
         raise SMTPError(550, "5.3.0", f"cannot deliver locally with {action.method}")
 
     async def _account(self, action: Action, name: str) -> LocalUser:

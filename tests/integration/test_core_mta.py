@@ -36,7 +36,7 @@ class Site:
         users.write_text(
             "".join(
                 f"{name} {uid}:{gid}:{self.mail / name}\n"
-                for name in ("alice", "bob", "carol", "perm", "soft")
+                for name in ("alice", "bob", "carol", "perm", "soft", "wrapped")
             )
         )
         aliases = self.work.path / "aliases"
@@ -52,6 +52,9 @@ listen on 127.0.0.1 port {self.port} hostname {HOSTNAME}
 action "local" maildir alias <aliases> userbase <users>
 action "perm" mda "echo no such mailbox here; exit 67" userbase <users>
 action "soft" mda "test -e {self.flag} && cat > {self.mail}/soft.out || exit 75" userbase <users>
+mda wrapper "note" "echo wrapped %{{rcpt.user}} >> {self.mail}/wrapper.out; %{{mda}}"
+action "wrapped" mda "cat > {self.mail}/wrapped.out" userbase <users> wrapper "note"
+match from any for rcpt-to "wrapped@{HOSTNAME}" action "wrapped"
 match from any for rcpt-to "perm@{HOSTNAME}" action "perm"
 match from any for rcpt-to "soft@{HOSTNAME}" action "soft"
 match from any for local action "local"
@@ -223,6 +226,15 @@ def test_limits_rcpt_and_size(site: Site) -> None:
                 "sender@example.org", [f"alice@{HOSTNAME}"], "Subject: big\r\n\r\n" + "y" * 200_000
             )
         assert info.value.smtp_code == 552
+
+
+def test_an_mda_wrapper_runs_instead_with_the_command_as_mda(site: Site) -> None:
+    """smtpd.conf(5): with `wrapper NAME`, the wrapper's command runs instead of the MDA's,
+    which it gets as %{mda} (it was checked, then ignored)."""
+    send(site, [f"wrapped@{HOSTNAME}"], "Subject: wrapped\r\n\r\nthrough the wrapper\r\n")
+    out = site.mail / "wrapped.out"
+    wait_for(lambda: out.exists() and b"through the wrapper" in out.read_bytes(), what="mda")
+    assert (site.mail / "wrapper.out").read_text() == "wrapped wrapped\n"
 
 
 def test_permanent_failure_bounces_to_sender(site: Site) -> None:
