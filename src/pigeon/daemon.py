@@ -727,9 +727,22 @@ class Daemon:
                 user = daemon_account()
             else:
                 user = await self._account(action, action.user or env.mda_user)
-            if env.mda_exec.startswith("|"):
-                return LocalTarget("mda", env.mda_exec[1:], user)
-            return LocalTarget("mbox", env.mda_exec, user)
+            # %{...} formats are expanded there too, as smtpd does
+            exec_ctx = FormatContext(
+                sender=env.sender,
+                rcpt=env.rcpt,
+                dest=env.dest,
+                username=user.name,
+                directory=user.home,
+                subaddr_delim=self.config.smtp.sub_addr_delim,
+            )
+            try:
+                target = expand_format(env.mda_exec, exec_ctx)
+            except FormatError as exc:
+                raise SMTPError(550, "5.3.0", f"cannot expand the alias target: {exc}") from exc
+            if target.startswith("|"):
+                return LocalTarget("mda", target[1:], user)
+            return LocalTarget("mbox", target, user)
         # The recipient's account gives the formats (%{user.*}, ~) and the mailbox; the
         # action's `user`, if any, only the uid and gid the delivery runs with (smtpd).
         name = env.mda_user or env.dest.rpartition("@")[0]

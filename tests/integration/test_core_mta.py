@@ -40,7 +40,10 @@ class Site:
             )
         )
         aliases = self.work.path / "aliases"
-        aliases.write_text("team: alice, bob\npostmaster: alice\n")
+        aliases.write_text(
+            "team: alice, bob\npostmaster: alice\n"
+            f'fmt: "|echo %{{rcpt}} %{{rcpt.user:uppercase}} >> {self.mail}/fmt.out"\n'
+        )
         self.flag = self.work.path / "soft-ok"
         self.port = free_port()
         config = f"""
@@ -226,6 +229,15 @@ def test_limits_rcpt_and_size(site: Site) -> None:
                 "sender@example.org", [f"alice@{HOSTNAME}"], "Subject: big\r\n\r\n" + "y" * 200_000
             )
         assert info.value.smtp_code == 552
+
+
+def test_formats_in_an_alias_command_are_expanded(site: Site) -> None:
+    """As smtpd, an alias's |command gets its %{...} formats expanded (they were passed on
+    literally)."""
+    send(site, [f"fmt@{HOSTNAME}"], "Subject: fmt\r\n\r\nx\r\n")
+    out = site.mail / "fmt.out"
+    wait_for(out.exists, what="the alias command")
+    assert out.read_text() == f"fmt@{HOSTNAME} FMT\n"
 
 
 def test_an_mda_wrapper_runs_instead_with_the_command_as_mda(site: Site) -> None:

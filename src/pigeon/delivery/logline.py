@@ -55,6 +55,10 @@ def delivery_line(
             f'stat="{stat}"'
         )
     user = env.mda_user or env.dest.rpartition("@")[0]
+    if user == "<daemon>":  # an alias's command or file (expand.DAEMON_ACCOUNT)
+        from pigeon.daemon import daemon_account
+
+        user = daemon_account().name
     return (
         f"{head}to=<{env.dest}> rcpt=<{env.rcpt}> user={user} delay={delay} result={result} "
         f"stat={stat}"

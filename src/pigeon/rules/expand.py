@@ -17,6 +17,8 @@ seen before in the same expansion is skipped, which is what ends alias loops.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import pwd
 import re
@@ -29,6 +31,8 @@ from pigeon.errors import SMTPError
 from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.tables.base import Service, Table, TableError, TableResolver
 from pigeon.tables.static import split_mailaddr
+
+log = logging.getLogger("pigeon.expand")
 
 EXPAND_DEPTH = 10
 # The delivery user of an alias's "|command" or "/file": the daemon's own unprivileged
@@ -142,28 +146,45 @@ def parse_userinfo(name: str, value: str) -> UserInfo | None:
     return UserInfo(name, int(parts[0]), int(parts[1]), parts[2])
 
 
+class ForwardError(Exception):
+    """A ``.forward`` that may not be used (forward(5): it is rejected, as in smtpd): the
+    recipient is refused, 524 when ``permanent`` (an unsafe file), else 424."""
+
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
+
+
 def _read_forward_sync(user: UserInfo) -> str | None:
-    """``~/.forward`` with forward(5)'s safety rules; None = no usable file. A sticky
-    home directory is a temporary failure (OpenSMTPD does the same)."""
+    """``~/.forward`` with forward(5)'s safety rules; None = no file. A sticky home
+    directory is a temporary failure (OpenSMTPD does the same); an unsafe file (writable by
+    others, not the user's, a symlink, in a home others can write) or one too large is a
+    :class:`ForwardError`: the user's forwarding must not silently stop or change."""
     try:
         home = os.stat(user.home)
     except OSError:
         return None
     if home.st_mode & stat.S_ISVTX:
         raise TableError(f"home directory of {user.name} is sticky")
-    if home.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or home.st_uid not in (0, user.uid):
-        return None
     path = os.path.join(user.home, ".forward")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ForwardError(f"{path}: unsecure file (a symbolic link)", permanent=True) from None
+        return None  # unreadable: as if there were none
     try:
         st = os.fstat(fd)
+        if home.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or home.st_uid not in (0, user.uid):
+            raise ForwardError(f"{path}: unsecure file (home directory)", permanent=True)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != user.uid:
-            return None
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_size >= FORWARD_MAX_SIZE:
-            return None
+            raise ForwardError(f"{path}: unsecure file (owner)", permanent=True)
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ForwardError(f"{path}: unsecure file (permissions)", permanent=True)
+        if st.st_size >= FORWARD_MAX_SIZE:
+            raise ForwardError(f"{path}: too large", permanent=False)
         data = os.read(fd, FORWARD_MAX_SIZE)
     finally:
         os.close(fd)
@@ -187,8 +208,9 @@ def parse_forward(text: str) -> list[Node]:
             if item.lower().startswith((":include:", "include:")):
                 continue
             node = parse_node(item, allow_include=False)
-            if node is not None:
-                nodes.append(node)
+            if node is None:  # smtpd refuses the file, not just the line
+                raise ValueError(f"invalid entry {item!r}")
+            nodes.append(node)
     return nodes[:MAX_NODES]
 
 
@@ -326,8 +348,17 @@ class Expander:
             raise _invalid(rcpt)
         # a name produced by the same user's alias/.forward ("bob: \\bob, x") is delivered
         # as is: reading the .forward again would loop
-        text = await self.forward(info) if name != parent_user else None
-        forward_nodes = parse_forward(text) if text else []
+        try:
+            text = await self.forward(info) if name != parent_user else None
+            forward_nodes = parse_forward(text) if text else []
+        except ForwardError as exc:
+            log.warning("warn: %s: %s", rcpt, exc)
+            if exc.permanent:
+                raise _expansion_problem(rcpt) from None
+            raise SMTPError(424, "4.2.4", f"Mailing list expansion problem: <{rcpt}>") from None
+        except ValueError as exc:
+            log.warning("warn: %s: ~%s/.forward: %s", rcpt, info.name, exc)
+            raise SMTPError(424, "4.2.4", f"Mailing list expansion problem: <{rcpt}>") from None
         if forward_nodes:
             if action.method == "forward-only" and any(
                 n.kind in ("pipe", "filename", "error") for n in forward_nodes

@@ -269,7 +269,7 @@ def test_parse_values_and_forward() -> None:
 
 
 def test_real_forward_file_checks(tmp_path: Path) -> None:
-    from pigeon.rules.expand import read_forward
+    from pigeon.rules.expand import ForwardError, read_forward
 
     home = tmp_path / "home"
     home.mkdir(mode=0o755)
@@ -279,11 +279,41 @@ def test_real_forward_file_checks(tmp_path: Path) -> None:
     fwd.write_text("bob@remote.example\n")
     fwd.chmod(0o644)
     assert asyncio.run(read_forward(me)) == "bob@remote.example\n"
-    fwd.chmod(0o666)  # world-writable: ignored
-    assert asyncio.run(read_forward(me)) is None
+    # unsafe files are refused (forward(5), smtpd: 524), not silently skipped: the user's
+    # forwarding must not stop without a word
+    fwd.chmod(0o666)
+    with pytest.raises(ForwardError, match="permissions") as unsafe:
+        asyncio.run(read_forward(me))
+    assert unsafe.value.permanent
     fwd.chmod(0o644)
     other = UserInfo("other", os.getuid() + 1, os.getgid(), str(home))
-    assert asyncio.run(read_forward(other)) is None  # not owned by the user
+    with pytest.raises(ForwardError, match="owner"):
+        asyncio.run(read_forward(other))
+    fwd.rename(home / "real")
+    fwd.symlink_to(home / "real")
+    with pytest.raises(ForwardError, match="symbolic link"):
+        asyncio.run(read_forward(me))
+    fwd.unlink()
+    fwd.write_text("# " + "x" * 5000 + "\n")
+    with pytest.raises(ForwardError, match="too large") as big:
+        asyncio.run(read_forward(me))
+    assert not big.value.permanent
+    fwd.write_text("bob@remote.example\n")
+    home.chmod(0o775)
+    with pytest.raises(ForwardError, match="home directory"):
+        asyncio.run(read_forward(me))
+
+
+def test_a_forward_with_an_invalid_entry_is_refused_not_trimmed(tmp_path: Path) -> None:
+    from pigeon.rules.expand import parse_forward
+
+    assert [n.value for n in parse_forward("bob, carol@example.org\n")] == [
+        "bob",
+        "carol@example.org",
+    ]
+    for text in ("bob\n!!!invalid\n", "<bob@example.org>\n", "~/fwd.mbox\n"):
+        with pytest.raises(ValueError, match="invalid entry"):
+            parse_forward(text)
 
 
 def test_lmtp_names_the_user_the_address_resolved_to(tmp_path: Path) -> None:
@@ -302,3 +332,19 @@ def test_lmtp_names_the_user_the_address_resolved_to(tmp_path: Path) -> None:
         ("a", "alias-test@example.org", "doom", None)
     ]
     assert summary(env.expand("doom@example.org")) == [("v", "doom@example.org", "doom", None)]
+
+
+def test_a_bad_forward_refuses_the_recipient_with_smtpds_codes(tmp_path: Path) -> None:
+    from pigeon.rules.expand import ForwardError
+
+    conf = 'table aliases { "x" = "y" }\n' + BASE
+    env = Env(conf, tmp_path, forwards={"bob": "carol\n!!!invalid\n"})
+    err = env.fails("bob@example.org")
+    assert (err.code, err.enhanced) == (424, "4.2.4")  # was: delivered to carol only
+
+    class Unsafe(Env):
+        async def forward(self, user: UserInfo) -> str | None:
+            raise ForwardError("/home/bob/.forward: unsecure file (owner)", permanent=True)
+
+    err = Unsafe(conf, tmp_path).fails("bob@example.org")
+    assert (err.code, err.enhanced) == (524, "5.2.4")  # was: delivered to bob's mailbox
