@@ -88,7 +88,8 @@ def maildir_deliver(
     if junk:
         _ensure_maildir(root / ".Junk")
     if extension:
-        folder = root / ("." + extension.replace("/", ":").replace(".", ":"))
+        # as smtpd's mail.maildir: a "." stays (Maildir++: user+lists.work is lists/work)
+        folder = root / ("." + extension.replace("/", ":"))
         if folder.is_dir():
             target = folder
             _ensure_maildir(target)

@@ -39,6 +39,10 @@ def test_subaddress_folder_used_when_it_exists(tmp_path: Path) -> None:
     (md / ".lists").mkdir(parents=True)
     assert Path(maildir_deliver(str(md), MSG, extension="lists")).parent == md / ".lists" / "new"
     assert Path(maildir_deliver(str(md), MSG, extension="other")).parent == md / "new"
+    (md / ".lists.work").mkdir()  # Maildir++ sub-folder: the dot stays, as in smtpd
+    got = Path(maildir_deliver(str(md), MSG, extension="lists.work"))
+    assert got.parent == md / ".lists.work" / "new"
+    assert Path(maildir_deliver(str(md), MSG, extension="../x")).parent == md / "new"
 
 
 def test_mbox_appends_with_from_line_and_quoting(tmp_path: Path) -> None:
