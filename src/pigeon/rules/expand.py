@@ -335,15 +335,16 @@ class Expander:
                 return
         base, _, tag = name.partition(self.delim)
         subaddress = tag or None
-        if action.method == "lmtp":
+        info = await self._user_lookup(action, base)
+        if action.method == "lmtp" and (info is None or name == parent_user):
             # LMTP names the user the address resolved to (after alias or virtual), as
             # smtpd's mail.lmtp -u, unless the action has a user of its own; the LMTP
-            # server knows its users: no local account or .forward here.
+            # server knows its users: no local account is needed (one that exists may
+            # have a .forward, followed below as smtpd does).
             self._deliver(run, action, dest, action.user or base, None, subaddress, internal)
             return
         # With `user NAME` too the recipient must be a user (its formats, its .forward):
         # NAME only gives the delivery its uid and gid, as in smtpd.
-        info = await self._user_lookup(action, base)
         if info is None:
             raise _invalid(rcpt)
         # a name produced by the same user's alias/.forward ("bob: \\bob, x") is delivered
@@ -372,6 +373,9 @@ class Expander:
             raise SMTPError(424, "4.2.4", f"Mailing list expansion problem: <{rcpt}>")
         if action.method == "expand-only":
             raise _expansion_problem(rcpt)
+        if action.method == "lmtp":
+            self._deliver(run, action, dest, action.user or base, None, subaddress, internal)
+            return
         self._deliver(run, action, dest, info.name, None, subaddress, internal)
 
     async def _children(

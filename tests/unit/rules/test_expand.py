@@ -348,3 +348,12 @@ def test_a_bad_forward_refuses_the_recipient_with_smtpds_codes(tmp_path: Path) -
 
     err = Unsafe(conf, tmp_path).fails("bob@example.org")
     assert (err.code, err.enhanced) == (524, "5.2.4")  # was: delivered to bob's mailbox
+
+
+def test_lmtp_follows_the_forward_of_a_user_that_has_one(tmp_path: Path) -> None:
+    """As smtpd: alice (a user) forwards to bob, so LMTP is asked for bob; a name with no
+    account still goes to LMTP as it is (Dovecot knows users the system does not)."""
+    conf = 'action "l" lmtp "127.0.0.1:24"\nmatch from any for domain "example.org" action "l"\n'
+    env = Env(conf, tmp_path, forwards={"alice": "bob"})
+    assert [d.user for d in env.expand("alice@example.org")] == ["bob"]
+    assert [d.user for d in env.expand("ghost@example.org")] == ["ghost"]
