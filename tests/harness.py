@@ -155,3 +155,15 @@ def workdir() -> Iterator[Workdir]:
     w = Workdir()
     yield w
     w.cleanup()
+
+
+def pigeon_encrypt(password: str) -> str:
+    """A crypt(3) hash made by `pigeon encrypt`, as an admin makes one."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pigeon.control.cli", "encrypt", password],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return out.stdout.strip()

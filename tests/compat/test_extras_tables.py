@@ -9,14 +9,20 @@ import signal
 import smtplib
 import sqlite3
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
-from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+from harness import (
+    PigeonDaemon,
+    Workdir,
+    free_port,
+    mail_uid_gid,
+    maildir_messages,
+    pigeon_encrypt,
+    wait_for,
+)
 
 from pigeon.config.model import TableDecl
 from pigeon.procs import ProcCommand
@@ -33,17 +39,6 @@ PASSWORD = "bob's old-table secret"
 pytestmark = pytest.mark.skipif(
     not os.access(TABLE_PASSWD, os.X_OK), reason="Debian package opensmtpd-extras not installed"
 )
-
-
-def pigeon_encrypt(password: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "pigeon.control.cli", "encrypt", password],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return out.stdout.strip()
 
 
 class Site:

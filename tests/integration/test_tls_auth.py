@@ -13,31 +13,27 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
 import pytest
 import trustme
-from harness import PigeonDaemon, Workdir, free_port, mail_uid_gid, maildir_messages, wait_for
+from harness import (
+    PigeonDaemon,
+    Workdir,
+    free_port,
+    mail_uid_gid,
+    maildir_messages,
+    pigeon_encrypt,
+    wait_for,
+)
 
 DOMAIN = "tls.test"
 MX = "mx.tls.test"
 OTHER = "other.tls.test"
 ALICE_PASSWORD = "alice's sha512 secret"
 BOB_PASSWORD = "bob bcrypt secret"
-
-
-def pigeon_encrypt(password: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "pigeon.control.cli", "encrypt", password],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return out.stdout.strip()
 
 
 class Site:

@@ -16,14 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pigeon.procs import (
-    Channel,
-    ProcCommand,
-    ProcessNotRunning,
-    ProcessSpec,
-    ProcessStartFailed,
-    ProcessSupervisor,
-)
+from pigeon.procs import Channel, ProcCommand
 from pigeon.protocol.tableimsg import (
     HEADER,
     SERVICE_BITS,
@@ -37,7 +30,8 @@ from pigeon.protocol.tableimsg import (
     encode_update,
     frame_length,
 )
-from pigeon.tables.base import Service, Table, TableError
+from pigeon.tables.base import Service, TableError
+from pigeon.tables.proc import SupervisedTable
 
 log = logging.getLogger("pigeon.tables")
 
@@ -75,7 +69,7 @@ async def _read_frame(channel: Channel) -> bytes | None:
         return None
 
 
-class ImsgTable(Table):
+class ImsgTable(SupervisedTable):
     def __init__(
         self,
         name: str,
@@ -89,32 +83,22 @@ class ImsgTable(Table):
         self.name = name
         self.command = command
         self.request_timeout = request_timeout
-        spec = ProcessSpec(f"table {name}", command, socketpair=True, fallback_user=None)
-        self.supervisor = ProcessSupervisor(
-            spec,
+        self.supervisor = self._supervise(
+            command,
             handshake=self._handshake,
             on_line=self._on_frame,
             on_down=self._on_down,
             handshake_timeout=handshake_timeout,
-            backoff_initial=backoff_min,
+            backoff_min=backoff_min,
             backoff_max=backoff_max,
-            restart="on-demand",
-            logger=log,
             read_message=_read_frame,
         )
         self._lock = asyncio.Lock()  # the API is strictly one request, then its answer
         self._waiting: tuple[ImsgType, asyncio.Future[ImsgAnswer]] | None = None
         self._closed = False
 
-    @property
-    def restarts(self) -> int:
-        return self.supervisor.restarts
-
     def services(self) -> frozenset[Service]:
         return _SERVICES
-
-    async def start(self) -> None:
-        await self._ensure_running()
 
     async def close(self) -> None:
         self._closed = True
@@ -149,17 +133,6 @@ class ImsgTable(Table):
         if answer.result < 0:
             raise TableError(f"table {self.name}: {kind.name.lower()} {service.value} failed")
         return answer
-
-    async def _ensure_running(self) -> Channel:
-        if self._closed:
-            raise TableError(f"table {self.name}: closed")
-        try:
-            return await self.supervisor.ensure_running()
-        except ProcessStartFailed as exc:
-            why = str(exc).removeprefix("cannot start: ")
-            raise TableError(f"table {self.name}: cannot start: {why}") from None
-        except ProcessNotRunning as exc:
-            raise TableError(f"table {self.name}: {exc}") from None
 
     async def _request(self, kind: ImsgType, frame: bytes) -> ImsgAnswer:
         async with self._lock:

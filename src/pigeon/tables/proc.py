@@ -27,7 +27,8 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from pigeon.config.builder import PROC_TABLE_DIRS  # OpenSMTPD's add-on dirs, then Pigeon's
 from pigeon.config.model import Config, TableDecl
@@ -100,7 +101,65 @@ def command_for(decl: TableDecl, dirs: Sequence[str] = PROC_TABLE_DIRS) -> ProcC
     return ProcCommand(argv, program)
 
 
-class ProcTable(Table):
+class SupervisedTable(Table):
+    """A table served by a child process that a :class:`ProcessSupervisor` keeps, started
+    again on demand; what the two table protocols (0.1 here, imsg in ``imsg.py``) share."""
+
+    name: str
+    supervisor: ProcessSupervisor
+    _closed: bool = False
+
+    def _supervise(
+        self,
+        command: ProcCommand,
+        *,
+        handshake: Callable[[Channel], Awaitable[None]],
+        on_line: Callable[[Any], None],
+        on_down: Callable[[str], None],
+        handshake_timeout: float,
+        backoff_min: float,
+        backoff_max: float,
+        read_message: Callable[[Channel], Awaitable[Any]] | None = None,
+    ) -> ProcessSupervisor:
+        # Started as root, a table program runs as Pigeon's unprivileged user (or stays root
+        # when the daemon does not drop privileges: no fallback to nobody).
+        spec = ProcessSpec(f"table {self.name}", command, socketpair=True, fallback_user=None)
+        return ProcessSupervisor(
+            spec,
+            handshake=handshake,
+            on_line=on_line,
+            on_down=on_down,
+            handshake_timeout=handshake_timeout,
+            backoff_initial=backoff_min,
+            backoff_max=backoff_max,
+            restart="on-demand",
+            logger=log,
+            read_message=read_message,
+        )
+
+    @property
+    def restarts(self) -> int:
+        """Processes started after the first one (for logs and tests)."""
+        return self.supervisor.restarts
+
+    async def start(self) -> None:
+        """Start the process now (the daemon does this at startup, so ``services()`` is
+        known before listeners decide between ``auth`` and ``credentials``)."""
+        await self._ensure_running()
+
+    async def _ensure_running(self) -> Channel:
+        if self._closed:
+            raise TableError(f"table {self.name}: closed")
+        try:
+            return await self.supervisor.ensure_running()
+        except ProcessStartFailed as exc:
+            why = str(exc).removeprefix("cannot start: ")
+            raise TableError(f"table {self.name}: cannot start: {why}") from None
+        except ProcessNotRunning as exc:
+            raise TableError(f"table {self.name}: {exc}") from None
+
+
+class ProcTable(SupervisedTable):
     """A table served by a child process speaking protocol 0.1 (see the module docstring)."""
 
     def __init__(
@@ -118,19 +177,14 @@ class ProcTable(Table):
         self.command = command
         self.request_timeout = request_timeout
         self.max_timeouts = max_timeouts
-        # Started as root, a table program runs as Pigeon's unprivileged user (or stays root
-        # when the daemon does not drop privileges: no fallback to nobody).
-        spec = ProcessSpec(f"table {name}", command, socketpair=True, fallback_user=None)
-        self.supervisor = ProcessSupervisor(
-            spec,
+        self.supervisor = self._supervise(
+            command,
             handshake=self._handshake,
             on_line=self._on_line,
             on_down=self._on_down,
             handshake_timeout=handshake_timeout,
-            backoff_initial=backoff_min,
+            backoff_min=backoff_min,
             backoff_max=backoff_max,
-            restart="on-demand",
-            logger=log,
         )
         self._pending: dict[str, tuple[TableOp, asyncio.Future[TableResult]]] = {}
         self._expired: deque[str] = deque(maxlen=256)  # ids given up on: late replies are fine
@@ -139,22 +193,12 @@ class ProcTable(Table):
         self._timeouts = 0
         self._closed = False
 
-    @property
-    def restarts(self) -> int:
-        """Processes started after the first one (for logs and tests)."""
-        return self.supervisor.restarts
-
     # ------------------------------------------------------------------ Table interface
 
     def services(self) -> frozenset[Service]:
         """The services the table registered; before its first handshake, every service (as
         smtpd's parse-time check assumes)."""
         return self._services if self._services is not None else frozenset(Service)
-
-    async def start(self) -> None:
-        """Start the process now (the daemon does this at startup, so ``services()`` is
-        known before listeners decide between ``auth`` and ``credentials``)."""
-        await self._ensure_running()
 
     async def close(self) -> None:
         self._closed = True
@@ -179,17 +223,6 @@ class ProcTable(Table):
         return result.value if result.status is TableStatus.FOUND else None
 
     # ------------------------------------------------------------------ requests
-
-    async def _ensure_running(self) -> Channel:
-        if self._closed:
-            raise TableError(f"table {self.name}: closed")
-        try:
-            return await self.supervisor.ensure_running()
-        except ProcessStartFailed as exc:
-            why = str(exc).removeprefix("cannot start: ")
-            raise TableError(f"table {self.name}: cannot start: {why}") from None
-        except ProcessNotRunning as exc:
-            raise TableError(f"table {self.name}: {exc}") from None
 
     async def _request(self, op: TableOp, service: Service | None, key: str | None) -> TableResult:
         channel = await self._ensure_running()
