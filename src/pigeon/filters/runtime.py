@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 from pigeon.config.model import Config, TableRef
 from pigeon.filters.chain import ChainMember, FilterChain, FilterSession
 from pigeon.filters.proc import DEFAULT_REQUEST_TIMEOUT, FilterProc, ProcSettings
-from pigeon.procs import ProcessSpec
+from pigeon.procs import LIBEXEC_DIR, ProcessSpec, full_command
 from pigeon.protocol import filterproto
 from pigeon.tables.base import Table
 
@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from pigeon.filters.builtin import TableGetter
 
 log = logging.getLogger("pigeon.filters")
+
+
+def default_protocol(command: str) -> str:
+    """The protocol spoken to a filter without ``protocol``: 0.6 for a program of Debian's
+    add-on directory (its ``opensmtpd-filter-*`` packages are built for smtpd 6.8, which
+    speaks 0.6: filter-rspamd reads ``link-auth`` in that order), 0.7 otherwise (7.6+)."""
+    words = full_command(command).split(maxsplit=1)
+    program = words[0] if words else ""
+    return "0.6" if program.startswith(LIBEXEC_DIR + "/") else "0.7"
 
 
 def filter_specs(config: Config) -> dict[str, ProcessSpec]:
@@ -47,7 +56,7 @@ class FilterManager:
         self.procs: dict[str, FilterProc] = {}
         for name, spec in filter_specs(config).items():
             decl = config.procs[name]
-            version = filterproto.parse_version(decl.protocol or "0.7")
+            version = filterproto.parse_version(decl.protocol or default_protocol(decl.command))
             timeout = decl.timeout or request_timeout or DEFAULT_REQUEST_TIMEOUT
             settings = ProcSettings(
                 admd=admd,
