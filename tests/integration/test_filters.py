@@ -285,6 +285,22 @@ def test_date_and_message_id_are_added_after_the_filters(site: Site) -> None:
     assert names[-3:] == [b"Subject", b"Date", b"Message-ID"]  # appended after the client's
 
 
+def test_a_command_refused_before_any_phase_is_reported_before_its_reply(site: Site) -> None:
+    """smtpd reports every client line: an unknown command or one out of sequence too
+    (Pigeon reported only the server's reply to it)."""
+    with connect(site, "proc") as client:
+        client.ehlo("client.example.net")
+        assert client.docmd("FROBNICATE", "now")[0] == 500
+        assert client.docmd("RCPT TO:<alice@" + HOST + ">")[0] == 503
+    lines = site.record.read_text().splitlines()
+    client_at = max(
+        i for i, ln in enumerate(lines) if "|protocol-client|" in ln and "FROBNICATE" in ln
+    )
+    server_at = next(i for i, ln in enumerate(lines) if i > client_at and "|protocol-server|" in ln)
+    assert "|500 " in lines[server_at]
+    assert any("|protocol-client|" in ln and "RCPT TO:<alice@" in ln for ln in lines)
+
+
 def test_protocol_06_option_speaks_06(site: Site) -> None:
     deliver(site, "proc06", "proc-06")
     text = site.record06.read_text()

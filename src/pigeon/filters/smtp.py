@@ -135,6 +135,10 @@ class SessionFilters:
             return False
         if isinstance(event, proto.MessageRejected):
             self._end_tx(rollback=True)
+        elif isinstance(event, proto.CommandRejected):
+            # refused before any phase (unknown, out of sequence, bad syntax): the filter
+            # still sees the command before the reply, as smtpd reports every line
+            self.fs.report(filterproto.ProtocolClient(event.line))
         elif isinstance(event, proto.Reset | proto.Quit):
             verb = "RSET" if isinstance(event, proto.Reset) else "QUIT"
             if verb not in self._conn.config.filtered_commands:  # else reported in _command
