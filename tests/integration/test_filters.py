@@ -64,7 +64,9 @@ class Site:
         uid, gid = mail_uid_gid()
         users = self.work.path / "users"
         users.write_text(f"alice {uid}:{gid}:{self.mail / 'alice'}\n")
-        self.ports = {name: free_port() for name in [*LISTENERS, "proc", "proc06", "stamp"]}
+        self.ports = {
+            name: free_port() for name in [*LISTENERS, "proc", "proc06", "stamp", "procrej"]
+        }
         self.record = self.logs / "record.log"
         self.record06 = self.logs / "record06.log"
         lines = [f"table users file:{users}"]
@@ -83,6 +85,9 @@ class Site:
             'filter note phase connect match src { "127.0.0.0/8" } report "hello builtin"',
             f"listen on 127.0.0.1 port {self.ports['proc']} hostname {HOST} filter {{ note, rec }}",
             f"listen on 127.0.0.1 port {self.ports['proc06']} hostname {HOST} filter rec06",
+            'filter rcptno phase rcpt-to match rcpt-to regex "^nobody@" reject "550 not here"',
+            f"listen on 127.0.0.1 port {self.ports['procrej']} hostname {HOST}"
+            " filter { rec, rcptno }",
             f'filter stamp proc-exec "{py} {EXAMPLES / "add_header.py"} X-Stamp pigeon"',
             f"listen on 127.0.0.1 port {self.ports['stamp']} hostname {HOST} filter stamp",
             'action "local" maildir junk userbase <users>',
@@ -299,6 +304,15 @@ def test_a_command_refused_before_any_phase_is_reported_before_its_reply(site: S
     server_at = next(i for i, ln in enumerate(lines) if i > client_at and "|protocol-server|" in ln)
     assert "|500 " in lines[server_at]
     assert any("|protocol-client|" in ln and "RCPT TO:<alice@" in ln for ln in lines)
+
+
+def test_a_recipient_a_filter_refuses_is_reported_as_a_failed_tx_rcpt(site: Site) -> None:
+    with connect(site, "procrej") as client:
+        client.ehlo("client.example.net")
+        assert client.mail("sender@example.net")[0] == 250
+        assert client.rcpt(f"nobody@{HOST}")[0] == 550
+    lines = site.record.read_text().splitlines()
+    assert any(ln.endswith(f"|permfail|nobody@{HOST}") and "|tx-rcpt|" in ln for ln in lines)
 
 
 def test_protocol_06_option_speaks_06(site: Site) -> None:

@@ -278,6 +278,9 @@ class SessionFilters:
         verdict = await self.fs.phase("rcpt-to", event.address)
         if verdict.stops:
             self._answer(verdict, FILTER_TEMPFAIL)
+            code = (verdict.reply or FILTER_TEMPFAIL).code
+            result = "tempfail" if 400 <= code < 500 else "permfail"
+            self.fs.report(filterproto.TxRcpt(self._msgid or 0, result, event.address))
             return
         original = event.address
         if verdict.kind == "rewrite":
