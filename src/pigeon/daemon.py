@@ -739,7 +739,8 @@ class Daemon:
             try:
                 target = expand_format(env.mda_exec, exec_ctx)
             except FormatError as exc:
-                raise SMTPError(550, "5.3.0", f"cannot expand the alias target: {exc}") from exc
+                log.warning("warn: cannot expand the alias target %r: %s", env.mda_exec, exc)
+                raise SMTPError(550, "5.3.0", "Error in the delivery configuration") from exc
             if target.startswith("|"):
                 return LocalTarget("mda", target[1:], user)
             return LocalTarget("mbox", target, user)
@@ -768,7 +769,9 @@ class Daemon:
             try:
                 return expand_format(fmt, ctx)
             except FormatError as exc:
-                raise SMTPError(550, "5.3.0", f"cannot expand {fmt!r}: {exc}") from exc
+                # the bounce goes to the sender: it must not quote our configuration
+                log.warning('warn: action "%s": cannot expand %r: %s', action.name, fmt, exc)
+                raise SMTPError(550, "5.3.0", "Error in the delivery configuration") from exc
 
         if action.method == "maildir":
             path = expand(action.maildir_path or "~/Maildir")

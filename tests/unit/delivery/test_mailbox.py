@@ -54,3 +54,16 @@ def test_mbox_appends_with_from_line_and_quoting(tmp_path: Path) -> None:
     assert b"\nFrom MAILER-DAEMON " in data
     assert data.count(b">From me\n") == 2
     assert not (tmp_path / "mbox.lock").exists()
+
+
+def test_a_file_where_the_maildir_should_be_is_retried_not_bounced(tmp_path: Path) -> None:
+    """An admin's mistake (a file in the way) is temporary, as smtpd retries it; the mail
+    must not bounce at once."""
+    import pytest
+
+    from pigeon.delivery.mailbox import DeliveryFailure
+
+    (tmp_path / "home").write_text("not a directory")
+    with pytest.raises(DeliveryFailure) as failure:
+        maildir_deliver(str(tmp_path / "home" / "Maildir"), MSG)
+    assert failure.value.temporary
