@@ -744,16 +744,18 @@ class Daemon:
             if target.startswith("|"):
                 return LocalTarget("mda", target[1:], user)
             return LocalTarget("mbox", target, user)
-        # The recipient's account gives the formats (%{user.*}, ~) and the mailbox; the
-        # action's `user`, if any, only the uid and gid the delivery runs with (smtpd).
+        # The recipient's account gives %{user.username}, %{user.directory} and the mbox;
+        # the action's `user`, if any, is who the delivery runs as: its uid, gid, HOME and
+        # the "~" of a path (smtpd: `maildir ... user bob` with the default ~/Maildir fills
+        # bob's maildir).
         name = env.mda_user or env.dest.rpartition("@")[0]
         info = await self.expander.user_info(action, name)
         if info is None:
             raise SMTPError(550, "5.1.1", f"user unknown: {name}")
         user = LocalUser(info.name, info.uid, info.gid, info.home)
         if action.user and action.user != info.name:
-            runs_as = await self._account(action, action.user)
-            user = LocalUser(info.name, runs_as.uid, runs_as.gid, info.home)
+            user = await self._account(action, action.user)
+        tilde = user.home.replace("%", "%%")
         ctx = FormatContext(
             sender=env.sender,
             rcpt=env.rcpt,
@@ -765,7 +767,7 @@ class Daemon:
 
         def expand(fmt: str) -> str:
             if fmt.startswith("~/"):
-                fmt = "%{user.directory}" + fmt[1:]
+                fmt = tilde + fmt[1:]
             try:
                 return expand_format(fmt, ctx)
             except FormatError as exc:

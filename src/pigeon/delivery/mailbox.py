@@ -32,6 +32,7 @@ _TEMPORARY_ERRNOS = {
     errno.EACCES,  # often a transient permission fix-up by the admin; retry until ttl
     errno.EPERM,
     errno.ENOTDIR,  # a file where the maildir should be: an admin's mistake, as smtpd retries
+    errno.EISDIR,
     errno.ENOENT,
     errno.ELOOP,
 }

@@ -138,7 +138,10 @@ class SessionFilters:
         elif isinstance(event, proto.CommandRejected):
             # refused before any phase (unknown, out of sequence, bad syntax): the filter
             # still sees the command before the reply, as smtpd reports every line
-            self.fs.report(filterproto.ProtocolClient(event.line))
+            line = event.line
+            if line.startswith("AUTH ") and line.endswith(")"):
+                line = "********"  # a credential line (smtpd reports it so)
+            self.fs.report(filterproto.ProtocolClient(line))
         elif isinstance(event, proto.Reset | proto.Quit):
             verb = "RSET" if isinstance(event, proto.Reset) else "QUIT"
             if verb not in self._conn.config.filtered_commands:  # else reported in _command

@@ -626,7 +626,7 @@ class ServerConnection:
             word, _, rest = line.partition(" ")
             verb = _ascii_upper(word)
         args = rest.strip(" \t") or None
-        if self._greeting_refused and verb != "QUIT":
+        if self._greeting_refused and verb not in ("QUIT", "NOOP"):  # (smtpd: NOOP 250)
             self._refuse(_printable(line), R_BAD_SEQUENCE)
         elif verb in ("HELO", "EHLO"):
             self._cmd_helo(line, args, verb == "EHLO")
