@@ -4,6 +4,7 @@ launched program simply runs as the test's user)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,11 +14,15 @@ import pytest
 from pigeon.launcher import Launcher, LaunchError, LaunchServer, needs_root, spec_key
 from pigeon.procs import ProcCommand, ProcessSpec
 
+# Launched as `nobody` when the tests run as root: an interpreter every user can run
+# (these programs need only the standard library).
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
 ECHO = ProcessSpec(
     "echo",
     ProcCommand(
-        (sys.executable, "-c", "import sys\nfor l in sys.stdin: print(l, end='', flush=True)"),
-        sys.executable,
+        (PYTHON, "-c", "import sys\nfor l in sys.stdin: print(l, end='', flush=True)"),
+        PYTHON,
     ),
     user="nobody",
 )
@@ -25,18 +30,18 @@ SOCKET_ECHO = ProcessSpec(
     "sock",
     ProcCommand(
         (
-            sys.executable,
+            PYTHON,
             "-c",
             "import os\nwhile (d := os.read(0, 100)): os.write(1, d.upper())",
         ),
-        sys.executable,
+        PYTHON,
     ),
     user="nobody",
     socketpair=True,
 )
 STDERR = ProcessSpec(
     "err",
-    ProcCommand((sys.executable, "-c", "import sys; sys.stderr.write('oops\\n')"), sys.executable),
+    ProcCommand((PYTHON, "-c", "import sys; sys.stderr.write('oops\\n')"), PYTHON),
     chroot="/",
 )
 
