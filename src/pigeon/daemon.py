@@ -18,7 +18,7 @@ from pigeon.config.model import Action, Config, TableRef
 from pigeon.control.server import ControlServer
 from pigeon.delivery.dns import DNSSettings
 from pigeon.delivery.lmtp import deliver_lmtp
-from pigeon.delivery.local import LocalTarget, LocalUser
+from pigeon.delivery.local import DAEMON_ACCOUNT, LocalTarget, LocalUser, daemon_account
 from pigeon.delivery.local import deliver as deliver_local
 from pigeon.delivery.logline import format_delay, log_delivery
 from pigeon.delivery.relay import DomainLimits, RelaySettings
@@ -37,7 +37,7 @@ from pigeon.queue.envelope import (
 )
 from pigeon.queue.journal import JournalStore, QueueError
 from pigeon.reload import Reloader
-from pigeon.rules.expand import DAEMON_ACCOUNT, Expander
+from pigeon.rules.expand import Expander
 from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.scheduler import policy
 from pigeon.scheduler.scheduler import Clock, Outcome, Scheduler
@@ -1005,18 +1005,3 @@ class Daemon:
             self.store.release_msgid(msgid)
         self._accepted(envelopes)
         return msgid
-
-
-def daemon_account() -> LocalUser:
-    """Who an alias's commands and files run as: the account a root-started daemon drops
-    to (smtpd: its own user), ``nobody`` for one kept as root, else the daemon's user."""
-    import os
-    import pwd
-
-    from pigeon import privsep
-
-    dropped = privsep.run_as()
-    if dropped is not None:
-        return LocalUser(dropped.name, dropped.uid, dropped.gid, dropped.home)
-    entry = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
-    return LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)

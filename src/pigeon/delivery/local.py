@@ -137,6 +137,9 @@ def _exit_outcome(code: int | None, last: str) -> Outcome:
     return Outcome.permfail(f'Error (permanent failure: "{last}")')
 
 
+# The delivery user of an alias's "|command" or "/file": the daemon's own unprivileged
+# account (no user name can contain "<"); smtpd runs them as its user too.
+DAEMON_ACCOUNT = "<daemon>"
 MAIL_SPOOL = "/var/mail"
 
 
@@ -211,3 +214,17 @@ async def deliver(target: LocalTarget, env: Envelope, body: bytes) -> Outcome:
             return Outcome.tempfail(f'Error (temporary failure: "{exc.text}")')
         return Outcome.permfail(f'Error (permanent failure: "{exc.text}")')
     return Outcome.ok("Delivered")
+
+
+def daemon_account() -> LocalUser:
+    """Who an alias's commands and files run as: the account a root-started daemon drops
+    to (smtpd: its own user), ``nobody`` for one kept as root, else the daemon's user."""
+    import pwd
+
+    from pigeon import privsep
+
+    dropped = privsep.run_as()
+    if dropped is not None:
+        return LocalUser(dropped.name, dropped.uid, dropped.gid, dropped.home)
+    entry = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    return LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)

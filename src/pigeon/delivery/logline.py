@@ -10,6 +10,7 @@ import logging
 import random
 
 from pigeon.control.views import human_duration
+from pigeon.delivery.local import DAEMON_ACCOUNT, daemon_account
 from pigeon.queue.envelope import Envelope
 
 __all__ = ["RESULT_WORDS", "delivery_line", "format_delay", "log_delivery"]
@@ -55,9 +56,7 @@ def delivery_line(
             f'stat="{stat}"'
         )
     user = env.mda_user or env.dest.rpartition("@")[0]
-    if user == "<daemon>":  # an alias's command or file (expand.DAEMON_ACCOUNT)
-        from pigeon.daemon import daemon_account
-
+    if user == DAEMON_ACCOUNT:  # an alias's command or file
         user = daemon_account().name
     return (
         f"{head}to=<{env.dest}> rcpt=<{env.rcpt}> user={user} delay={delay} result={result} "

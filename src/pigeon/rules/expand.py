@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from pigeon.config.model import Action, Config
+from pigeon.delivery.local import DAEMON_ACCOUNT
 from pigeon.errors import SMTPError
 from pigeon.rules.ruleset import MatchContext, Ruleset
 from pigeon.tables.base import Service, Table, TableError, TableResolver
@@ -35,9 +36,6 @@ from pigeon.tables.static import split_mailaddr
 log = logging.getLogger("pigeon.expand")
 
 EXPAND_DEPTH = 10
-# The delivery user of an alias's "|command" or "/file": the daemon's own unprivileged
-# account (no user name can contain "<"); smtpd runs them as its user too.
-DAEMON_ACCOUNT = "<daemon>"
 MAX_NODES = 100  # per alias/forward value
 FORWARD_MAX_SIZE = 4096
 _USER_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
